@@ -1,0 +1,173 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief Packing of quantization codes into byte streams, at any element offset.
+///
+/// Stream layout (the contract every kvq CPU path and CUDA kernel reads and writes):
+///   k2, k3, k4, k8: code i occupies stream bits [i*B, (i+1)*B), and stream bit k is bit (k mod 8)
+///       of byte k/8: a little-endian, least-significant-bit-first stream. For 2 bits, code i is
+///       bits [2(i mod 4), 2(i mod 4) + 2) of byte i/4; 3-bit codes may straddle two bytes.
+///   kTernary: code i is base-3 digit (i mod 5) of byte i/5, that is
+///       byte = c0 + 3*c1 + 9*c2 + 27*c3 + 81*c4 (0 .. 242), five codes per byte.
+/// Writers touch only the bits (digits) of the elements they write; the rest of a partially
+/// written byte is preserved, so a stream can be filled group by group at any offset. A ternary
+/// byte that is only partly written must hold a valid encoding (<= 242) before the write, for
+/// example zero from initialisation.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvq/config.hpp"
+#include "kvq/quant/bits.hpp"
+
+namespace kvq {
+namespace detail {
+
+KVQ_HOST_DEVICE constexpr std::uint32_t pow3(int k) noexcept {
+  std::uint32_t p = 1;
+  for (int i = 0; i < k; ++i) p *= 3;
+  return p;
+}
+
+}  // namespace detail
+
+/// Sequential writer of width-B codes into a packed stream, starting at element `first`.
+/// Call put() for each code, then finish() once to write the last partial byte.
+template <Bits B>
+class PackedWriter {
+  static constexpr int kWidth = static_cast<int>(B);
+
+ public:
+  KVQ_HOST_DEVICE PackedWriter(std::uint8_t* stream, std::size_t first) noexcept {
+    (void)BitsTraits<B>{};
+    if constexpr (B == Bits::kTernary) {
+      byte_ = stream + first / 5;
+      fill_ = static_cast<int>(first % 5);
+      place_ = detail::pow3(fill_);
+      acc_ = fill_ > 0 ? *byte_ % place_ : 0u;
+    } else {
+      const std::size_t bit = first * static_cast<std::size_t>(kWidth);
+      byte_ = stream + bit / 8;
+      fill_ = static_cast<int>(bit % 8);
+      acc_ = fill_ > 0 ? *byte_ & ((1u << fill_) - 1u) : 0u;
+    }
+  }
+
+  /// Appends one code; code must be <= BitsTraits<B>::max_code.
+  KVQ_HOST_DEVICE void put(std::uint32_t code) noexcept {
+    if constexpr (B == Bits::kTernary) {
+      acc_ += code * place_;
+      place_ *= 3;
+      if (++fill_ == 5) {
+        *byte_++ = static_cast<std::uint8_t>(acc_);
+        acc_ = 0;
+        fill_ = 0;
+        place_ = 1;
+      }
+    } else {
+      acc_ |= code << fill_;
+      fill_ += kWidth;
+      if (fill_ >= 8) {
+        *byte_++ = static_cast<std::uint8_t>(acc_);
+        acc_ >>= 8;
+        fill_ -= 8;
+      }
+    }
+  }
+
+  /// Writes the pending partial byte, keeping the elements after the last one written.
+  KVQ_HOST_DEVICE void finish() noexcept {
+    if (fill_ == 0) return;
+    if constexpr (B == Bits::kTernary) {
+      const std::uint32_t old = *byte_;
+      *byte_ = static_cast<std::uint8_t>(old - old % place_ + acc_);
+    } else {
+      const std::uint32_t mask = (1u << fill_) - 1u;
+      *byte_ = static_cast<std::uint8_t>((*byte_ & ~mask) | (acc_ & mask));
+    }
+    fill_ = 0;
+  }
+
+ private:
+  std::uint8_t* byte_;
+  std::uint32_t acc_;    // pending bits (or base-3 digits) of *byte_
+  int fill_;             // bits (digits) of *byte_ already in acc_
+  std::uint32_t place_;  // ternary: 3^fill_
+};
+
+/// Sequential reader of width-B codes from a packed stream, starting at element `first`.
+/// Reads a byte only when a code in it is requested.
+template <Bits B>
+class PackedReader {
+  static constexpr int kWidth = static_cast<int>(B);
+
+ public:
+  KVQ_HOST_DEVICE PackedReader(const std::uint8_t* stream, std::size_t first) noexcept {
+    (void)BitsTraits<B>{};
+    if constexpr (B == Bits::kTernary) {
+      byte_ = stream + first / 5;
+      skip_ = static_cast<int>(first % 5);
+    } else {
+      const std::size_t bit = first * static_cast<std::size_t>(kWidth);
+      byte_ = stream + bit / 8;
+      skip_ = static_cast<int>(bit % 8);
+    }
+  }
+
+  KVQ_HOST_DEVICE std::uint32_t get() noexcept {
+    if constexpr (B == Bits::kTernary) {
+      if (left_ == 0) {
+        acc_ = *byte_++ / detail::pow3(skip_);
+        left_ = 5 - skip_;
+        skip_ = 0;
+      }
+      const std::uint32_t code = acc_ % 3u;
+      acc_ /= 3u;
+      --left_;
+      return code;
+    } else {
+      while (left_ < skip_ + kWidth) {
+        acc_ |= static_cast<std::uint32_t>(*byte_++) << left_;
+        left_ += 8;
+      }
+      acc_ >>= skip_;
+      left_ -= skip_;
+      skip_ = 0;
+      const std::uint32_t code = acc_ & ((1u << kWidth) - 1u);
+      acc_ >>= kWidth;
+      left_ -= kWidth;
+      return code;
+    }
+  }
+
+ private:
+  const std::uint8_t* byte_;
+  std::uint32_t acc_ = 0;  // unread bits (digits) already loaded
+  int left_ = 0;           // how many of them
+  int skip_;               // bits (digits) of the first byte before element `first`
+};
+
+/// Writes codes[0 .. n) to elements [first, first + n) of the stream.
+template <Bits B>
+KVQ_HOST_DEVICE void pack_codes(const std::uint8_t* codes, std::size_t n, std::uint8_t* stream,
+                                std::size_t first) noexcept {
+  PackedWriter<B> w(stream, first);
+  for (std::size_t i = 0; i < n; ++i) w.put(codes[i]);
+  w.finish();
+}
+
+/// Reads elements [first, first + n) of the stream into codes[0 .. n).
+template <Bits B>
+KVQ_HOST_DEVICE void unpack_codes(const std::uint8_t* stream, std::size_t first, std::size_t n,
+                                  std::uint8_t* codes) noexcept {
+  PackedReader<B> r(stream, first);
+  for (std::size_t i = 0; i < n; ++i) codes[i] = static_cast<std::uint8_t>(r.get());
+}
+
+/// The code of element i of the stream.
+template <Bits B>
+KVQ_HOST_DEVICE std::uint32_t code_at(const std::uint8_t* stream, std::size_t i) noexcept {
+  return PackedReader<B>(stream, i).get();
+}
+
+}  // namespace kvq

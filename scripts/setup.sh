@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what kvq needs to build, test and run on Debian bookworm, and nothing that is already
+# there. Idempotent: when everything is present it only checks and prints one line.
+#
+#   scripts/setup.sh            build + test dependencies (Debian packages)
+#
+# Why each package (README.md "Dependencies" says the same):
+#   g++, cmake, make      the compiler and build system (CMake >= 3.25)
+#   libeigen3-dev         reference linear algebra in tests and tools
+#   catch2                unit tests (v2 on Debian, v3 elsewhere; tests/support/kvq_catch.hpp)
+#   libbenchmark-dev      microbenchmarks under bench/
+#   libfmt-dev            formatted output in tools, tests and benches (never in the headers)
+#   libcli11-dev          command-line parsing of the kvq tool
+set -euo pipefail
+
+packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libfmt-dev libcli11-dev)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all build dependencies present"
+  exit 0
+fi
+
+echo "setup: installing ${missing[*]}"
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo); fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo_cmd[@]}" apt-get update -qq
+"${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "setup: done"

@@ -1,0 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "kvq/io/npy.hpp"
+#include "kvq/kvq.hpp"
+
+float odr_b_roundtrip(float x) { return kvq::BFloat16(x).to_float(); }

@@ -1,0 +1,16 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief Includes Catch2 v3 when present, v2 otherwise; tests use only what both spell alike.
+#pragma once
+
+#if __has_include(<catch2/catch_test_macros.hpp>)
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/catch_template_test_macros.hpp>
+#include <catch2/generators/catch_generators_all.hpp>
+#include <catch2/matchers/catch_matchers_floating_point.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#define KVQ_CATCH_MAJOR 3
+#else
+#include <catch2/catch.hpp>
+#define KVQ_CATCH_MAJOR 2
+#endif

@@ -1,0 +1,24 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief The subcommands of the kvq tool: each registers its options on a CLI11 app and
+///        returns the function that runs it.
+#pragma once
+
+#include <functional>
+
+namespace CLI {
+class App;
+}
+
+namespace kvq_tool {
+
+/// A registered subcommand's body; returns the process exit code.
+using Command = std::function<int()>;
+
+/// `kvq roundtrip`: quantize a 2-D .npy array and write the dequantized result.
+Command add_roundtrip(CLI::App& app);
+
+/// `kvq demo`: the round-trip table on a generated K-like tensor with outlier channels.
+Command add_demo(CLI::App& app);
+
+}  // namespace kvq_tool
