@@ -352,6 +352,20 @@ TEST_CASE("bad arguments raise kvq::Error naming them and change no output", "[q
   s.channel_groups.permutation = {perm.data(), 15};
   require_error_untouched(run(s), q, Status::kInvalidArgument, {"one entry per channel (16)"});
 
+  // More channels than a permutation supports.
+  std::vector<std::int32_t> wide(65537);
+  std::iota(wide.begin(), wide.end(), 0);
+  const std::vector<std::int32_t> wide_bounds{0, 65537};
+  MatrixQuantSpec w = good;
+  w.axis = GroupAxis::kChannels;
+  w.channel_groups = {{wide.data(), wide.size()}, {wide_bounds.data(), wide_bounds.size()}};
+  try {
+    (void)kvq::plan_matrix(1, 65537, w);
+    FAIL("no error");
+  } catch (const kvq::Error& e) {
+    REQUIRE(std::string(e.what()).find("at most 65536 channels with channel groups") != std::string::npos);
+  }
+
   // Shape and buffer sizes.
   Buffers small(kvq::plan_matrix(tokens, channels, good), 0xEE);
   small.codes.pop_back();

@@ -249,7 +249,7 @@ inline NpyArray read_npy(const std::string& path) {
   array.data.resize(static_cast<std::size_t>(count));
   const char* src = bytes.data() + data_start;
   if (array.dtype == NpyDtype::kFloat32) {
-    std::memcpy(array.data.data(), src, static_cast<std::size_t>(data_bytes));
+    if (data_bytes > 0) std::memcpy(array.data.data(), src, static_cast<std::size_t>(data_bytes));
   } else {
     for (std::size_t i = 0; i < array.data.size(); ++i) {
       std::uint16_t h;
@@ -291,7 +291,7 @@ inline void write_npy(const std::string& path, const float* data,
   out.push_back(static_cast<char>(header.size() >> 8));
   out += header;
   if (dtype == NpyDtype::kFloat32) {
-    out.append(reinterpret_cast<const char*>(data), static_cast<std::size_t>(count) * 4);
+    if (count > 0) out.append(reinterpret_cast<const char*>(data), static_cast<std::size_t>(count) * 4);
   } else {
     for (std::uint64_t i = 0; i < count; ++i) {
       const std::uint16_t h = Float16(data[i]).bits();

@@ -17,8 +17,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <bitset>
 #include <string>
-#include <vector>
 
 #include "kvq/core/bits.hpp"
 #include "kvq/core/error.hpp"
@@ -47,6 +47,10 @@ inline GroupAxis parse_axis(const std::string& text, const char* argument = "axi
                                "'token' (groups along tokens, per-channel quantization) or "
                                "'channel' (groups along channels, per-token quantization)");
 }
+
+/// Largest channel count that SKVQ channel groups support (kv_hidden of real models is at most
+/// a few thousand; SKVQ's own kernel indexes channels with int16).
+inline constexpr index_t kMaxPermutedChannels = 65536;
 
 /// SKVQ channel groups: position p of a reordered token row holds channel permutation[p];
 /// group g covers positions [boundaries[g], boundaries[g + 1]).
@@ -106,12 +110,16 @@ struct ConstQuantizedMatrixRef {
 namespace detail {
 
 inline void check_channel_groups(const char* where, const ChannelGroups& g, index_t channels) {
+  if (channels > kMaxPermutedChannels) {
+    throw_argument_error(where, "channels", channels,
+                         concat("at most ", kMaxPermutedChannels, " channels with channel groups"));
+  }
   if (g.permutation.size() != static_cast<std::size_t>(channels)) {
     throw_argument_error(where, "channel_groups.permutation",
                          concat("a permutation of ", g.permutation.size(), " channels"),
                          concat("one entry per channel (", channels, ")"));
   }
-  std::vector<bool> seen(static_cast<std::size_t>(channels), false);
+  std::bitset<kMaxPermutedChannels> seen;  // 8 KiB on the stack; no allocation
   for (std::size_t p = 0; p < g.permutation.size(); ++p) {
     const std::int32_t c = g.permutation[p];
     if (c < 0 || c >= channels || seen[static_cast<std::size_t>(c)]) {
