@@ -285,6 +285,7 @@ decltype(auto) with_group_loader(StridedView<const T, 2> x, const MatrixQuantSpe
     return f(StridedLoader<T>{&x(span.start, line), x.stride(0)});
   }
   if (spec.channel_groups.empty()) {
+    if (x.stride(1) == 1) return f(ContiguousLoader<T>{&x(line, span.start)});
     return f(StridedLoader<T>{&x(line, span.start), x.stride(1)});
   }
   return f(GatherLoader<T>{&x(line, 0), spec.channel_groups.permutation.data() + span.start,
@@ -378,6 +379,8 @@ void dequantize_matrix(ConstQuantizedMatrixRef in, const MatrixQuantSpec& spec,
         if (spec.axis == GroupAxis::kTokens) {
           dequantize_group<B>(stream, first, span.length, p,
                               StridedStorer<T>{&y(span.start, line), y.stride(0)});
+        } else if (spec.channel_groups.empty() && y.stride(1) == 1) {
+          dequantize_group<B>(stream, first, span.length, p, ContiguousStorer<T>{&y(line, span.start)});
         } else if (spec.channel_groups.empty()) {
           dequantize_group<B>(stream, first, span.length, p,
                               StridedStorer<T>{&y(line, span.start), y.stride(1)});
