@@ -292,6 +292,56 @@ decltype(auto) with_group_loader(StridedView<const T, 2> x, const MatrixQuantSpe
                            x.stride(1)});
 }
 
+/// Calls f with the storer of group (line, span) of y (the mirror of with_group_loader).
+template <class T, class F>
+void with_group_storer(StridedView<T, 2> y, const MatrixQuantSpec& spec, index_t line,
+                       GroupSpan span, F&& f) {
+  if (spec.axis == GroupAxis::kTokens) {
+    f(StridedStorer<T>{&y(span.start, line), y.stride(0)});
+  } else if (!spec.channel_groups.empty()) {
+    f(ScatterStorer<T>{&y(line, 0), spec.channel_groups.permutation.data() + span.start, y.stride(1)});
+  } else if (y.stride(1) == 1) {
+    f(ContiguousStorer<T>{&y(line, span.start)});
+  } else {
+    f(StridedStorer<T>{&y(line, span.start), y.stride(1)});
+  }
+}
+
+/// Calls f(integral_constant<Bits, B>, Meta{}) for the spec's runtime width and metadata format.
+template <class F>
+void dispatch_spec(const MatrixQuantSpec& spec, F&& f) {
+  dispatch_bits(spec.bits, [&](auto bits_tag) {
+    dispatch_meta(spec.meta, [&](auto meta_tag) { f(bits_tag, meta_tag); });
+  });
+}
+
+/// Throws the kvq::Error for group g of `line` whose planning returned `status`: the first
+/// non-finite element with its position, or the group's range that its metadata cannot hold.
+template <class Meta, class Load>
+[[noreturn]] void throw_group_error(const char* where, const MatrixQuantSpec& spec, index_t line,
+                                    index_t g, GroupSpan span, const Load& load, Status status) {
+  index_t token = 0;
+  index_t channel = 0;
+  if (status == Status::kNonFiniteInput) {
+    for (index_t i = 0; i < span.length; ++i) {
+      if (!is_finite_value(load(i))) {
+        group_element(spec, line, span, i, &token, &channel);
+        throw_argument_error(where, "x", concat(load(i), " at [token ", token, ", channel ", channel, "]"),
+                             "finite values (NaN and Inf cannot be quantized)", status);
+      }
+    }
+  }
+  group_element(spec, line, span, 0, &token, &channel);
+  const GroupRange r = group_range(load, span.length);
+  throw_argument_error(
+      where, "x",
+      concat("group ", g, " of ", spec.axis == GroupAxis::kTokens ? "channel " : "token ", line,
+             " (from [token ", token, ", channel ", channel, "]) with range [", r.min, ", ", r.max, "]"),
+      concat("a range whose zero-point and scale fit ", meta_label(spec.meta),
+             " (largest finite value ", Meta::max().to_float(), ")"),
+      status);
+}
+
 }  // namespace detail
 
 /// Quantizes x [tokens, channels] (float, Float16 or BFloat16) into `out` as `spec` says.
@@ -304,60 +354,34 @@ void quantize_matrix(StridedView<const T, 2> x, const MatrixQuantSpec& spec,
   check_view(where, "x", x, {-1, -1});
   const MatrixLayout layout = plan_matrix(x.extent(0), x.extent(1), spec);
   detail::check_buffers(where, layout, out.codes.size(), out.scales.size(), out.zeros.size());
-  dispatch_bits(spec.bits, [&](auto bits_tag) {
+  detail::dispatch_spec(spec, [&](auto bits_tag, auto meta_tag) {
     constexpr Bits B = decltype(bits_tag)::value;
-    dispatch_meta(spec.meta, [&](auto meta_tag) {
-      using Meta = decltype(meta_tag);
-      // Pass 1: validate every group without writing.
-      detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
-        detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {
-          GroupParams<Meta> p{};
-          QuantGrid grid{};
-          const Status s = plan_group<B>(load, span.length, spec.clip, &p, &grid);
-          if (s == Status::kOk) return;
-          index_t first_token = 0;
-          index_t first_channel = 0;
-          detail::group_element(spec, line, span, 0, &first_token, &first_channel);
-          if (s == Status::kNonFiniteInput) {
-            for (index_t i = 0; i < span.length; ++i) {
-              if (!is_finite_value(load(i))) {
-                index_t t = 0;
-                index_t c = 0;
-                detail::group_element(spec, line, span, i, &t, &c);
-                detail::throw_argument_error(
-                    where, "x", detail::concat(load(i), " at [token ", t, ", channel ", c, "]"),
-                    "finite values (NaN and Inf cannot be quantized)", s);
-              }
-            }
-          }
-          const GroupRange r = group_range(load, span.length);
-          detail::throw_argument_error(
-              where, "x",
-              detail::concat("group ", g, " of ",
-                             spec.axis == GroupAxis::kTokens ? "channel " : "token ",
-                             line, " (from [token ", first_token, ", channel ", first_channel,
-                             "]) with range [", r.min, ", ", r.max, "]"),
-              detail::concat("a range whose zero-point and scale fit ", meta_label(spec.meta),
-                             " (largest finite value ", Meta::max().to_float(), ")"),
-              s);
-        });
+    using Meta = decltype(meta_tag);
+    // Pass 1: validate every group without writing.
+    detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
+      detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {
+        GroupParams<Meta> p{};
+        QuantGrid grid{};
+        const Status s = plan_group<B>(load, span.length, spec.clip, &p, &grid);
+        if (s != Status::kOk) detail::throw_group_error<Meta>(where, spec, line, g, span, load, s);
       });
-      // Pass 2: quantize and pack.
-      detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
-        detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {
-          GroupParams<Meta> p{};
-          quantize_group<B>(load, span.length, spec.clip,
-                            out.codes.data() + static_cast<std::size_t>(line) * layout.line_bytes,
-                            static_cast<std::size_t>(span.start), &p);
-          detail::store_params(out.scales.data(), out.zeros.data(),
-                               static_cast<std::size_t>(line * layout.groups_per_line + g), p);
-        });
+    });
+    // Pass 2: quantize and pack.
+    detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
+      detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {
+        GroupParams<Meta> p{};
+        quantize_group<B>(load, span.length, spec.clip,
+                          out.codes.data() + static_cast<std::size_t>(line) * layout.line_bytes,
+                          static_cast<std::size_t>(span.start), &p);
+        detail::store_params(out.scales.data(), out.zeros.data(),
+                             static_cast<std::size_t>(line * layout.groups_per_line + g), p);
       });
     });
   });
 }
 
-/// Dequantizes `in` (quantized by quantize_matrix with the same spec) into y [tokens, channels].
+/// Dequantizes `in` (quantized by quantize_matrix with the same spec) into y [tokens, channels]
+/// (float, Float16 or BFloat16).
 template <class T>
 void dequantize_matrix(ConstQuantizedMatrixRef in, const MatrixQuantSpec& spec,
                        StridedView<T, 2> y) {
@@ -365,31 +389,16 @@ void dequantize_matrix(ConstQuantizedMatrixRef in, const MatrixQuantSpec& spec,
   check_view(where, "y", y, {-1, -1});
   const MatrixLayout layout = plan_matrix(y.extent(0), y.extent(1), spec);
   detail::check_buffers(where, layout, in.codes.size(), in.scales.size(), in.zeros.size());
-  dispatch_bits(spec.bits, [&](auto bits_tag) {
+  detail::dispatch_spec(spec, [&](auto bits_tag, auto meta_tag) {
     constexpr Bits B = decltype(bits_tag)::value;
-    dispatch_meta(spec.meta, [&](auto meta_tag) {
-      using Meta = decltype(meta_tag);
-      detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
-        const auto p = detail::load_params<Meta>(
-            in.scales.data(), in.zeros.data(),
-            static_cast<std::size_t>(line * layout.groups_per_line + g));
-        const std::uint8_t* stream =
-            in.codes.data() + static_cast<std::size_t>(line) * layout.line_bytes;
-        const auto first = static_cast<std::size_t>(span.start);
-        if (spec.axis == GroupAxis::kTokens) {
-          dequantize_group<B>(stream, first, span.length, p,
-                              StridedStorer<T>{&y(span.start, line), y.stride(0)});
-        } else if (spec.channel_groups.empty() && y.stride(1) == 1) {
-          dequantize_group<B>(stream, first, span.length, p, ContiguousStorer<T>{&y(line, span.start)});
-        } else if (spec.channel_groups.empty()) {
-          dequantize_group<B>(stream, first, span.length, p,
-                              StridedStorer<T>{&y(line, span.start), y.stride(1)});
-        } else {
-          dequantize_group<B>(
-              stream, first, span.length, p,
-              ScatterStorer<T>{&y(line, 0), spec.channel_groups.permutation.data() + span.start,
-                               y.stride(1)});
-        }
+    using Meta = decltype(meta_tag);
+    detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
+      const auto p = detail::load_params<Meta>(
+          in.scales.data(), in.zeros.data(),
+          static_cast<std::size_t>(line * layout.groups_per_line + g));
+      detail::with_group_storer<T>(y, spec, line, span, [&](const auto& store) {
+        dequantize_group<B>(in.codes.data() + static_cast<std::size_t>(line) * layout.line_bytes,
+                            static_cast<std::size_t>(span.start), span.length, p, store);
       });
     });
   });
