@@ -2,6 +2,7 @@
 // The group quantizer: hand-computed KIVI examples (ALGORITHMS.md §1.2), SKVQ clipping, the
 // scale floor, outward metadata rounding, and the half-step bound on random and adversarial
 // groups for every width and metadata format.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -244,4 +245,31 @@ TEST_CASE("huge and tiny magnitudes quantize within half a step", "[quant][param
   // Float subnormal inputs.
   const std::vector<float> sub{1e-40f, -3e-41f, 0.0f};
   require_half_step(sub, run_group<Bits::k2, Float16>(sub), 1.0f, 3);
+}
+
+TEST_CASE("group_range finds the minimum, the maximum and any NaN or Inf of arbitrary floats",
+          "[quant][params][property]") {
+  const std::uint64_t seed = kvq_test::case_seed("group range", 0);
+  CAPTURE(seed);
+  kvq::Rng rng(seed);
+  const float specials[] = {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-40f, -1e-40f,
+                            std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()};
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int n = 1 + static_cast<int>(rng.below(100));
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (auto& v : x) {
+      do {  // any finite bit pattern, or one of the edge values
+        v = rng.below(8) == 0 ? specials[rng.below(8)] : kvq::bits_to_float(static_cast<std::uint32_t>(rng.next_u64()));
+      } while (!std::isfinite(v));
+    }
+    CAPTURE(trial, n);
+    const auto r = kvq::group_range(kvq::ContiguousLoader<float>{x.data()}, n);
+    REQUIRE(r.finite);
+    REQUIRE(r.min == *std::min_element(x.begin(), x.end()));
+    REQUIRE(r.max == *std::max_element(x.begin(), x.end()));
+    const float bad[] = {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                         std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN()};
+    x[rng.below(static_cast<std::uint32_t>(n))] = bad[rng.below(4)];
+    REQUIRE_FALSE(kvq::group_range(kvq::StridedLoader<float>{x.data(), 1}, n).finite);
+  }
 }
