@@ -11,22 +11,8 @@
 /// math is written once with this marker so that the CPU tests check the code the kernels run.
 #if defined(__CUDACC__)
 #define KVQ_HOST_DEVICE __host__ __device__ inline
-#define KVQ_FORCEINLINE __forceinline__
 #else
 #define KVQ_HOST_DEVICE inline
-#if defined(__GNUC__) || defined(__clang__)
-#define KVQ_FORCEINLINE inline __attribute__((always_inline))
-#else
-#define KVQ_FORCEINLINE inline
-#endif
-#endif
-
-/// True when the compiler has C++20 concepts; kvq's constraints use them when present and fall
-/// back to static_assert otherwise.
-#if defined(__cpp_concepts) && __cpp_concepts >= 201907L
-#define KVQ_HAS_CONCEPTS 1
-#else
-#define KVQ_HAS_CONCEPTS 0
 #endif
 
 /// True while compiling device code (the device pass of nvcc).

@@ -37,8 +37,8 @@ struct DeviceBuffer {
 };
 
 void require_launch_ok() {
-  REQUIRE(cudaGetLastError() == cudaSuccess);
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  REQUIRE(kvq::cuda::to_status(cudaGetLastError()) == kvq::Status::kOk);
+  REQUIRE(kvq::cuda::to_status(cudaDeviceSynchronize()) == kvq::Status::kOk);
 }
 
 template <class T>

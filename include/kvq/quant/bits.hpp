@@ -57,11 +57,6 @@ KVQ_HOST_DEVICE constexpr std::size_t packed_bytes(Bits b, std::size_t n) noexce
   return b == Bits::kTernary ? (n + 4) / 5 : (n * static_cast<std::size_t>(b) + 7) / 8;
 }
 
-/// Nominal bits per code as a number: 1.5 for ternary, B otherwise.
-KVQ_HOST_DEVICE constexpr double nominal_bits(Bits b) noexcept {
-  return b == Bits::kTernary ? 1.5 : static_cast<double>(static_cast<int>(b));
-}
-
 /// Label used by the CLI and reports: "1.5", "2", "3", "4", "8".
 inline std::string bits_label(Bits b) {
   return b == Bits::kTernary ? std::string("1.5") : std::to_string(static_cast<int>(b));

@@ -117,18 +117,6 @@ KVQ_HOST_DEVICE Status make_group_params(float mn, float mx, float clip, int max
   return Status::kOk;
 }
 
-/// The float grid of stored parameters (for dequantization; lo and hi span the grid).
-template <class Meta>
-KVQ_HOST_DEVICE QuantGrid grid_of(GroupParams<Meta> params, int max_code) noexcept {
-  QuantGrid g;
-  g.scale = params.scale.to_float();
-  g.zero = params.zero.to_float();
-  g.lo = g.zero;
-  g.hi = g.zero + static_cast<float>(max_code) * g.scale;
-  g.max_code = max_code;
-  return g;
-}
-
 /// The code of x on grid g.
 KVQ_HOST_DEVICE std::uint32_t quantize_value(float x, const QuantGrid& g) noexcept {
   // Sequential (not nested) selects: compilers turn them into branch-free vector code.
