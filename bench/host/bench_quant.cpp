@@ -106,29 +106,20 @@ void BM_quant_quantize_matrix(benchmark::State& state) {
 }
 
 // The per-group primitive a cache calls on append: quantize_group over every group (one
-// min/max pass and one quantize pass per group, no separate validation pass).
+// min/max pass and one quantize pass per group, no separate validation pass, parameters kept
+// as GroupParams instead of the matrix's byte arrays).
 template <kvq::Bits B>
 void quantize_groups(const kvq::MatrixQuantSpec& spec, Quantized& q) {
-  const float* x = input().data();
-  const auto& l = q.layout;
-  kvq::GroupParams<kvq::Float16>* params = q.params.data();
-  if (spec.axis == kvq::GroupAxis::kTokens) {
-    for (kvq::index_t g = 0; g < l.groups_per_line; ++g) {
-      for (kvq::index_t c = 0; c < g_channels; ++c) {
-        kvq::quantize_group<B>(kvq::StridedLoader<float>{x + g * spec.group_size * g_channels + c, g_channels},
-                               spec.group_size, 1.0f, q.codes.data() + static_cast<std::size_t>(c) * l.line_bytes,
-                               static_cast<std::size_t>(g * spec.group_size), &params[c * l.groups_per_line + g]);
-      }
-    }
-  } else {
-    for (kvq::index_t t = 0; t < g_tokens; ++t) {
-      for (kvq::index_t g = 0; g < l.groups_per_line; ++g) {
-        kvq::quantize_group<B>(kvq::ContiguousLoader<float>{x + t * g_channels + g * spec.group_size},
-                               spec.group_size, 1.0f, q.codes.data() + static_cast<std::size_t>(t) * l.line_bytes,
-                               static_cast<std::size_t>(g * spec.group_size), &params[t * l.groups_per_line + g]);
-      }
-    }
-  }
+  // The same group order and loaders as quantize_matrix's second pass.
+  const kvq::StridedView<const float, 2> x(input().data(), {g_tokens, g_channels});
+  kvq::detail::for_each_group(q.layout, spec, [&](kvq::index_t line, kvq::index_t g, kvq::detail::GroupSpan span) {
+    kvq::detail::with_group_loader<float>(x, spec, line, span, [&](const auto& load) {
+      kvq::quantize_group<B>(load, span.length, spec.clip,
+                             q.codes.data() + static_cast<std::size_t>(line) * q.layout.line_bytes,
+                             static_cast<std::size_t>(span.start),
+                             &q.params[static_cast<std::size_t>(line * q.layout.groups_per_line + g)]);
+    });
+  });
 }
 
 void BM_quant_quantize_groups(benchmark::State& state) {
