@@ -1,0 +1,110 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief Read-only view of one stream (keys or values) of one sequence and layer, and reading
+///        its rows back as float: the interface between the cache and attention.
+#pragma once
+
+#include <cstdint>
+
+#include "kvq/cache/block_pool.hpp"
+#include "kvq/cache/window_schedule.hpp"
+#include "kvq/core/bits.hpp"
+#include "kvq/core/float_types.hpp"
+#include "kvq/layout/block_codec.hpp"
+#include "kvq/layout/stream_layout.hpp"
+
+namespace kvq {
+
+/// Which part of a stream holds a position.
+enum class Segment : std::uint8_t { kSink, kQuantized, kWindow };
+
+/// One stream of one sequence and layer. Exact rows (sinks, window) have exact_width numbers of
+/// type E (num_kv_heads * head_dim); stored rows have layout->width numbers (the latent rank for
+/// CSKV). Window position p lives in ring slot (p - sinks) mod ring_capacity.
+template <class E>
+struct StreamView {
+  const StreamLayout* layout = nullptr;
+  ChannelGroups groups{};
+  WindowRule rule{};
+  StreamCounts counts{};
+  const std::int32_t* blocks = nullptr;  ///< block table: quantized rows [b * T, (b + 1) * T)
+  const BlockPool* pool = nullptr;
+  const E* sinks = nullptr;  ///< [rule.sinks, exact_width]
+  const E* ring = nullptr;   ///< [ring_capacity, exact_width]
+  index_t ring_capacity = 0;
+  index_t exact_width = 0;
+
+  index_t length() const noexcept { return counts.length; }
+  index_t sink_count() const noexcept { return rule.sink_count(counts); }
+
+  Segment segment(index_t p) const noexcept {
+    const index_t s = sink_count();
+    if (p < s) return Segment::kSink;
+    return p < s + counts.quantized ? Segment::kQuantized : Segment::kWindow;
+  }
+
+  /// Tokens from p on (at most max_n) that lie in one segment, block and unwrapped ring run.
+  index_t run(index_t p, index_t max_n) const noexcept {
+    const index_t s = sink_count();
+    index_t end;
+    switch (segment(p)) {
+      case Segment::kSink: end = s; break;
+      case Segment::kQuantized: {
+        const index_t t = layout->block_tokens;
+        const index_t block_end = s + ((p - s) / t + 1) * t;
+        end = block_end < s + counts.quantized ? block_end : s + counts.quantized;
+        break;
+      }
+      default: {
+        const index_t slot = (p - s) % ring_capacity;
+        end = p + (ring_capacity - slot);
+        if (end > counts.length) end = counts.length;
+      }
+    }
+    return end - p < max_n ? end - p : max_n;
+  }
+
+  /// Exact rows of a run in the sinks or window (segment(p) != kQuantized).
+  const E* exact_rows(index_t p) const noexcept {
+    const index_t s = sink_count();
+    if (p < s) return sinks + p * exact_width;
+    return ring + ((p - s) % ring_capacity) * exact_width;
+  }
+
+  /// Stored rows [n, layout->width] of a run in the quantized store, as float.
+  void decode_stored(index_t p, index_t n, float* out, index_t stride) const {
+    const index_t q = p - sink_count();
+    const index_t t = layout->block_tokens;
+    const std::uint8_t* block = pool->data(blocks[q / t]);
+    if (layout->quantized) {
+      decode_rows(*layout, groups, block, q % t, n, out, stride);
+    } else {
+      decode_exact_rows<E>(*layout, block, q % t, n, out, stride);
+    }
+  }
+};
+
+/// Converts n exact rows of width w to float.
+template <class E>
+void exact_rows_to_float(const E* rows, index_t n, index_t w, float* out, index_t stride) noexcept {
+  for (index_t r = 0; r < n; ++r) {
+    for (index_t c = 0; c < w; ++c) out[r * stride + c] = to_float(rows[r * w + c]);
+  }
+}
+
+/// out [n, k] = a [n, m] · b [m, k] (row-major; out row stride out_stride). For latent
+/// reconstruction (m = rank, k = width) and projection (m = width, k = rank).
+inline void matmul_rows(const float* a, index_t n, index_t m, index_t a_stride, const float* b,
+                        index_t k, float* out, index_t out_stride) noexcept {
+  for (index_t r = 0; r < n; ++r) {
+    float* o = out + r * out_stride;
+    for (index_t c = 0; c < k; ++c) o[c] = 0.0f;
+    for (index_t i = 0; i < m; ++i) {
+      const float x = a[r * a_stride + i];
+      const float* brow = b + i * k;
+      for (index_t c = 0; c < k; ++c) o[c] += x * brow[c];
+    }
+  }
+}
+
+}  // namespace kvq

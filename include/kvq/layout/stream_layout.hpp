@@ -1,0 +1,79 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief The byte layout of one block of a stream: block_tokens rows of `width` numbers, the
+///        contract between the cache, CPU attention and the CUDA kernels.
+///
+/// Quantized block (the quantized-matrix layout of quant/matrix.hpp over [block_tokens, width]):
+///   [codes: lines * line_bytes][scales: lines * groups_per_line Meta][zeros: same]
+///   per-channel (groups along tokens): line c = channel c, block_tokens codes;
+///   per-token (groups along channels): line r = token row r, width codes (in permuted order
+///   with SKVQ channel groups).
+/// Exact block: [block_tokens][width] of the exact type, row-major.
+/// Every block is padded to kBlockAlignment bytes; the padding is part of the stream's memory.
+#pragma once
+
+#include <cstddef>
+
+#include "kvq/core/bits.hpp"
+#include "kvq/core/error.hpp"
+#include "kvq/quant/matrix.hpp"
+
+namespace kvq {
+
+/// Blocks start and end on this many bytes (a cache line; the widest SIMD load).
+inline constexpr std::size_t kBlockAlignment = 64;
+
+/// Sizes and offsets of one stream block.
+struct StreamLayout {
+  bool quantized = false;
+  index_t block_tokens = 0;
+  index_t width = 0;                 ///< numbers per token row
+  std::size_t exact_value_bytes = 0; ///< bytes per number of an exact stream
+  MatrixQuantSpec spec{};            ///< quantized streams: bits, axis, group, clip, meta
+  MatrixLayout matrix{};             ///< quantized streams: plan_matrix(block_tokens, width, spec)
+  std::size_t scales_offset = 0;     ///< quantized streams: byte offset of the scale array
+  std::size_t zeros_offset = 0;      ///< quantized streams: byte offset of the zero array
+  std::size_t block_bytes = 0;       ///< padded size of one block
+
+  /// Stored bytes per number, padding included.
+  double bits_per_element() const noexcept {
+    const double n = static_cast<double>(block_tokens) * static_cast<double>(width);
+    return n > 0 ? 8.0 * static_cast<double>(block_bytes) / n : 0.0;
+  }
+};
+
+/// Layout of a quantized stream block. `spec` may carry channel groups (only their count
+/// matters for the sizes).
+inline StreamLayout make_quantized_layout(index_t block_tokens, index_t width,
+                                          const MatrixQuantSpec& spec) {
+  StreamLayout l;
+  l.quantized = true;
+  l.block_tokens = block_tokens;
+  l.width = width;
+  l.spec = spec;
+  l.spec.channel_groups = {};
+  l.matrix = plan_matrix(block_tokens, width, spec);
+  l.scales_offset = l.matrix.code_bytes;
+  l.zeros_offset = l.scales_offset + l.matrix.meta_bytes;
+  l.block_bytes = static_cast<std::size_t>(ceil_div(static_cast<index_t>(l.matrix.total_bytes()),
+                                                    static_cast<index_t>(kBlockAlignment))) *
+                  kBlockAlignment;
+  return l;
+}
+
+/// Layout of an exact stream block of values of `value_bytes` bytes.
+inline StreamLayout make_exact_layout(index_t block_tokens, index_t width,
+                                      std::size_t value_bytes) {
+  StreamLayout l;
+  l.quantized = false;
+  l.block_tokens = block_tokens;
+  l.width = width;
+  l.exact_value_bytes = value_bytes;
+  const auto bytes = static_cast<index_t>(static_cast<std::size_t>(block_tokens) *
+                                          static_cast<std::size_t>(width) * value_bytes);
+  l.block_bytes = static_cast<std::size_t>(ceil_div(bytes, static_cast<index_t>(kBlockAlignment))) *
+                  kBlockAlignment;
+  return l;
+}
+
+}  // namespace kvq

@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief The compiled-in policies by name: for CLIs and experiments that choose a policy at run
+///        time (engines pick the type directly).
+#pragma once
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kvq/core/error.hpp"
+#include "kvq/policy/baselines.hpp"
+#include "kvq/policy/cskv.hpp"
+#include "kvq/policy/kivi.hpp"
+#include "kvq/policy/skvq.hpp"
+
+namespace kvq {
+
+/// A policy type as a value: f(PolicyTag<P>{}) receives one.
+template <class P>
+struct PolicyTag {
+  using type = P;
+};
+
+template <class... P>
+struct PolicyList {};
+
+/// The registry, in the order `kvq policies` lists it. Names come from each policy's name().
+using RegisteredPolicies =
+    PolicyList<Fp16Policy<Float16>, Fp16Policy<BFloat16>, Fp16Policy<float>,
+               KiviPolicy<Bits::k2, Bits::k2, 32, 128>, KiviPolicy<Bits::k4, Bits::k4, 32, 128>,
+               SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>,
+               SkvqPolicy<Bits::k2, Bits::k2, 128, 128, 5>,
+               CskvPolicy<Bits::k4, Bits::k4, 50, 50, 32>, CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>,
+               PerTokenPolicy<Bits::k2, Bits::k2, 32>, PerTokenPolicy<Bits::k4, Bits::k4, 32>>;
+
+namespace detail {
+
+template <class F, class... P>
+void for_each_in(PolicyList<P...>, F&& f) {
+  (f(PolicyTag<P>{}), ...);
+}
+
+}  // namespace detail
+
+/// Calls f(PolicyTag<P>{}) for every registered policy, in registry order.
+template <class F>
+void for_each_policy(F&& f) {
+  detail::for_each_in(RegisteredPolicies{}, f);
+}
+
+/// Names of the registered policies, in registry order.
+inline std::vector<std::string> policy_names() {
+  std::vector<std::string> names;
+  for_each_policy([&](auto tag) { names.push_back(decltype(tag)::type::name()); });
+  return names;
+}
+
+/// Calls f(PolicyTag<P>{}) for the registered policy called `name`; throws kvq::Error naming the
+/// known policies otherwise.
+template <class F>
+void dispatch_policy(const std::string& name, F&& f) {
+  bool found = false;
+  for_each_policy([&](auto tag) {
+    if (!found && decltype(tag)::type::name() == name) {
+      found = true;
+      f(tag);
+    }
+  });
+  if (!found) {
+    std::string known;
+    for (const std::string& n : policy_names()) known += (known.empty() ? "" : ", ") + n;
+    detail::throw_argument_error("kvq::dispatch_policy", "policy", name, "one of " + known);
+  }
+}
+
+}  // namespace kvq
