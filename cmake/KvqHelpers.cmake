@@ -11,6 +11,9 @@ function(kvq_target_warnings target)
   elseif(MSVC)
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:/W4 $<$<BOOL:${KVQ_WERROR}>:/WX>>)
   endif()
+  if(KVQ_NATIVE_ARCH AND KVQ_HOST_HAS_X86_64_V3)
+    target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-march=x86-64-v3>)
+  endif()
   if(KVQ_CUDA_ENABLED)
     target_compile_options(${target} PRIVATE
       $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>

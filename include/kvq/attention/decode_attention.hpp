@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "kvq/attention/cpu_kernels.hpp"
 #include "kvq/attention/softmax_math.hpp"
 #include "kvq/cache/quantized_kv_cache.hpp"
 #include "kvq/core/error.hpp"
@@ -76,6 +77,14 @@ class DecodeAttention {
   using E = typename Cache::exact_type;
   static constexpr index_t tile = Cache::tile_tokens;
   static constexpr bool latent = policy_traits<Policy>::latent;
+  /// Per-channel quantized keys stored after RoPE: scored straight from channel-major tiles.
+  static constexpr bool columns_path = [] {
+    if constexpr (policy_traits<Policy>::key_quantized) {
+      return Policy::KeyStream::axis == GroupAxis::kTokens && !latent && !Policy::pre_rope;
+    } else {
+      return false;
+    }
+  }();
 
  public:
   DecodeAttention(const Cache& cache, SequenceId seq, index_t layer, const float* query)
@@ -104,10 +113,8 @@ class DecodeAttention {
     if (w.rope.size() < static_cast<std::size_t>(dim_)) w.rope.resize(static_cast<std::size_t>(dim_));
     for (index_t p = begin; p < end;) {
       const index_t n = values_.run(p, keys_.run(p, std::min(tile, end - p)));
-      load_keys(p, n, w);
-      score(n, w);
-      const bool rescale = update_softmax(n, w, state);
-      (void)rescale;
+      score(p, n, w);
+      update_softmax(n, w, state);
       accumulate_values(p, n, w, state);
       p += n;
     }
@@ -133,9 +140,22 @@ class DecodeAttention {
   }
 
  private:
-  void load_keys(index_t p, index_t n, AttentionWorkspace& w) const {
+  /// Scores of the tile's n tokens for every query head: w.scores [Hq, tile].
+  void score(index_t p, index_t n, AttentionWorkspace& w) const {
     float* k = w.keys.data();
-    if (keys_.segment(p) != Segment::kQuantized) {
+    const bool quantized = keys_.segment(p) == Segment::kQuantized;
+    if constexpr (columns_path) {
+      if (quantized) {
+        // Per-channel codes run along tokens: dequantize channel-major and score column-wise.
+        keys_.decode_stored_transposed(p, n, k, tile);
+        for (index_t h = 0; h < heads_; ++h) {
+          scores_columns(query_ + h * group_ * dim_, group_, k + h * dim_ * tile, tile, n, dim_,
+                         w.scores.data() + h * group_ * tile, tile);
+        }
+        return;
+      }
+    }
+    if (!quantized) {
       exact_rows_to_float(keys_.exact_rows(p), n, width_, k, width_);
     } else if constexpr (latent) {
       const index_t rank = cache_.key_rank();
@@ -145,20 +165,14 @@ class DecodeAttention {
       keys_.decode_stored(p, n, k, width_);
     }
     if constexpr (Policy::pre_rope) cache_.rope().rotate(k, n, width_, heads_, p, w.rope.data());
-  }
-
-  void score(index_t n, AttentionWorkspace& w) const {
-    for (index_t qh = 0; qh < query_heads_; ++qh) {
-      const index_t h = qh / group_;
-      const float* q = query_ + qh * dim_;
-      float* s = w.scores.data() + qh * tile;
-      for (index_t t = 0; t < n; ++t) s[t] = dot(q, w.keys.data() + t * width_ + h * dim_, dim_);
+    for (index_t h = 0; h < heads_; ++h) {
+      scores_rows(query_ + h * group_ * dim_, group_, k + h * dim_, width_, n, dim_,
+                  w.scores.data() + h * group_ * tile, tile);
     }
   }
 
   /// Turns the tile's scores into weights exp(s - max) and rescales the state to the new max.
-  bool update_softmax(index_t n, AttentionWorkspace& w, SoftmaxState& state) const {
-    bool rescaled = false;
+  void update_softmax(index_t n, AttentionWorkspace& w, SoftmaxState& state) const {
     for (index_t qh = 0; qh < query_heads_; ++qh) {
       float* s = w.scores.data() + qh * tile;
       float m = state.max[static_cast<std::size_t>(qh)];
@@ -181,11 +195,9 @@ class DecodeAttention {
         }
         state.sum[static_cast<std::size_t>(qh)] *= alpha;
         state.max[static_cast<std::size_t>(qh)] = new_max;
-        rescaled = true;
       }
       state.sum[static_cast<std::size_t>(qh)] += total;
     }
-    return rescaled;
   }
 
   void accumulate_values(index_t p, index_t n, AttentionWorkspace& w, SoftmaxState& state) const {
@@ -194,11 +206,8 @@ class DecodeAttention {
       if (quantized) {
         const index_t rank = cache_.value_rank();
         values_.decode_stored(p, n, w.latent.data(), rank);
-        for (index_t qh = 0; qh < query_heads_; ++qh) {
-          const float* s = w.scores.data() + qh * tile;
-          float* a = state.acc_latent.data() + qh * rank;
-          for (index_t t = 0; t < n; ++t) axpy(a, s[t], w.latent.data() + t * rank, rank);
-        }
+        accumulate_rows(w.scores.data(), query_heads_, tile, w.latent.data(), rank, n, rank,
+                        state.acc_latent.data(), rank);
         return;
       }
     }
@@ -208,11 +217,9 @@ class DecodeAttention {
     } else {
       exact_rows_to_float(values_.exact_rows(p), n, width_, v, width_);
     }
-    for (index_t qh = 0; qh < query_heads_; ++qh) {
-      const index_t h = qh / group_;
-      const float* s = w.scores.data() + qh * tile;
-      float* acc = state.acc.data() + qh * dim_;
-      for (index_t t = 0; t < n; ++t) axpy(acc, s[t], v + t * width_ + h * dim_, dim_);
+    for (index_t h = 0; h < heads_; ++h) {
+      accumulate_rows(w.scores.data() + h * group_ * tile, group_, tile, v + h * dim_, width_, n,
+                      dim_, state.acc.data() + h * group_ * dim_, dim_);
     }
   }
 

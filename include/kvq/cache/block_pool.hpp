@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <vector>
@@ -49,11 +50,13 @@ class BlockPool {
     return static_cast<std::size_t>(num_blocks_) * block_bytes_;
   }
 
-  /// Takes a free block (precondition: free_blocks() > 0).
+  /// Takes a free block, zero-filled (precondition: free_blocks() > 0). Zeroing makes every
+  /// block's unwritten bytes (padding, unused packed digits) deterministic.
   std::int32_t allocate() noexcept {
     const std::int32_t b = free_.back();
     free_.pop_back();
     refs_[static_cast<std::size_t>(b)] = 1;
+    std::memset(data(b), 0, block_bytes_);
     return b;
   }
   void retain(std::int32_t b) noexcept { ++refs_[static_cast<std::size_t>(b)]; }

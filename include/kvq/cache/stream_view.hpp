@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kvq/cache/block_pool.hpp"
 #include "kvq/cache/window_schedule.hpp"
@@ -12,6 +13,8 @@
 #include "kvq/core/float_types.hpp"
 #include "kvq/layout/block_codec.hpp"
 #include "kvq/layout/stream_layout.hpp"
+#include "kvq/quant/decode_affine.hpp"
+#include "kvq/transform/small_matmul.hpp"
 
 namespace kvq {
 
@@ -82,29 +85,37 @@ struct StreamView {
       decode_exact_rows<E>(*layout, block, q % t, n, out, stride);
     }
   }
+
+  /// Per-channel quantized streams: rows of a quantized run transposed, out [width, n] with
+  /// channel c at out + c * stride.
+  void decode_stored_transposed(index_t p, index_t n, float* out, index_t stride) const {
+    const index_t q = p - sink_count();
+    const index_t t = layout->block_tokens;
+    decode_rows_transposed(*layout, pool->data(blocks[q / t]), q % t, n, out, stride);
+  }
 };
 
 /// Converts n exact rows of width w to float.
 template <class E>
 void exact_rows_to_float(const E* rows, index_t n, index_t w, float* out, index_t stride) noexcept {
+  if constexpr (std::is_same_v<E, Float16>) {
+    static_assert(sizeof(Float16) == sizeof(std::uint16_t), "Float16 is its 16-bit pattern");
+    for (index_t r = 0; r < n; ++r) {
+      half_to_float(reinterpret_cast<const std::uint16_t*>(rows + r * w), w, out + r * stride);
+    }
+    return;
+  }
   for (index_t r = 0; r < n; ++r) {
     for (index_t c = 0; c < w; ++c) out[r * stride + c] = to_float(rows[r * w + c]);
   }
 }
 
-/// out [n, k] = a [n, m] · b [m, k] (row-major; out row stride out_stride). For latent
-/// reconstruction (m = rank, k = width) and projection (m = width, k = rank).
+/// out [n, k] = a [n, m] · b [m, k] (a row stride a_stride, b dense, out row stride
+/// out_stride). For latent reconstruction (m = rank, k = width) and projection (m = width,
+/// k = rank).
 inline void matmul_rows(const float* a, index_t n, index_t m, index_t a_stride, const float* b,
                         index_t k, float* out, index_t out_stride) noexcept {
-  for (index_t r = 0; r < n; ++r) {
-    float* o = out + r * out_stride;
-    for (index_t c = 0; c < k; ++c) o[c] = 0.0f;
-    for (index_t i = 0; i < m; ++i) {
-      const float x = a[r * a_stride + i];
-      const float* brow = b + i * k;
-      for (index_t c = 0; c < k; ++c) o[c] += x * brow[c];
-    }
-  }
+  small_matmul(a, n, m, a_stride, b, k, k, out, out_stride);
 }
 
 }  // namespace kvq

@@ -7,12 +7,15 @@
 /// preserved), so rows past a stream's end can be written and discarded without affecting it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kvq/core/float_types.hpp"
 #include "kvq/core/status.hpp"
 #include "kvq/layout/stream_layout.hpp"
+#include "kvq/quant/decode_affine.hpp"
 #include "kvq/quant/group.hpp"
 #include "kvq/quant/matrix.hpp"
 
@@ -114,6 +117,7 @@ inline void decode_rows(const StreamLayout& l, const ChannelGroups& groups,
   detail::dispatch_stream(l, [&](auto bits, auto meta) {
     constexpr Bits B = decltype(bits)::value;
     using Meta = decltype(meta);
+    float buffer[kCodeChunk];
     if (spec.axis == GroupAxis::kChannels) {
       for (index_t r = 0; r < n; ++r) {
         const index_t line = row0 + r;
@@ -123,13 +127,19 @@ inline void decode_rows(const StreamLayout& l, const ChannelGroups& groups,
           const detail::GroupSpan span = detail::group_span(spec, g);
           const auto p = detail::load_params<Meta>(
               scales, zeros, static_cast<std::size_t>(line * m.groups_per_line + g));
-          const auto first = static_cast<std::size_t>(span.start);
+          const float scale = meta_to_float(p.scale);
+          const float zero = meta_to_float(p.zero);
           if (groups.empty()) {
-            dequantize_group<B>(stream, first, span.length, p,
-                                ContiguousStorer<float>{row + span.start});
-          } else {
-            dequantize_group<B>(stream, first, span.length, p,
-                                ScatterStorer<float>{row, groups.permutation.data() + span.start, 1});
+            decode_affine<B>(stream, static_cast<std::size_t>(span.start), span.length, scale,
+                             zero, row + span.start);
+            continue;
+          }
+          const std::int32_t* perm = groups.permutation.data() + span.start;
+          for (index_t i0 = 0; i0 < span.length; i0 += kCodeChunk) {
+            const index_t len = std::min(kCodeChunk, span.length - i0);
+            decode_affine<B>(stream, static_cast<std::size_t>(span.start + i0), len, scale, zero,
+                             buffer);
+            for (index_t i = 0; i < len; ++i) row[perm[i0 + i]] = buffer[i];
           }
         }
       }
@@ -139,13 +149,40 @@ inline void decode_rows(const StreamLayout& l, const ChannelGroups& groups,
         const std::uint8_t* stream = codes + static_cast<std::size_t>(c) * m.line_bytes;
         for (index_t t = row0; t < row0 + n;) {
           const index_t g = t / gs;
-          const index_t end = (g + 1) * gs < row0 + n ? (g + 1) * gs : row0 + n;
+          const index_t end = std::min({(g + 1) * gs, row0 + n, t + kCodeChunk});
           const auto p = detail::load_params<Meta>(
               scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
-          dequantize_group<B>(stream, static_cast<std::size_t>(t), end - t, p,
-                              StridedStorer<float>{out + (t - row0) * stride + c, stride});
+          decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
+                           meta_to_float(p.zero), buffer);
+          for (index_t i = 0; i < end - t; ++i) out[(t - row0 + i) * stride + c] = buffer[i];
           t = end;
         }
+      }
+    }
+  });
+}
+
+/// Per-channel (groups along tokens) blocks only: dequantizes rows [row0, row0 + n) into the
+/// transposed out [width, n] (channel c's run at out + c * stride): contiguous per channel.
+inline void decode_rows_transposed(const StreamLayout& l, const std::uint8_t* block, index_t row0,
+                                   index_t n, float* out, index_t stride) {
+  const MatrixLayout& m = l.matrix;
+  const std::uint8_t* scales = block + l.scales_offset;
+  const std::uint8_t* zeros = block + l.zeros_offset;
+  const index_t gs = l.spec.group_size;
+  detail::dispatch_stream(l, [&](auto bits, auto meta) {
+    constexpr Bits B = decltype(bits)::value;
+    using Meta = decltype(meta);
+    for (index_t c = 0; c < l.width; ++c) {
+      const std::uint8_t* stream = block + static_cast<std::size_t>(c) * m.line_bytes;
+      for (index_t t = row0; t < row0 + n;) {
+        const index_t g = t / gs;
+        const index_t end = std::min((g + 1) * gs, row0 + n);
+        const auto p = detail::load_params<Meta>(
+            scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
+        decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
+                         meta_to_float(p.zero), out + c * stride + (t - row0));
+        t = end;
       }
     }
   });
@@ -166,6 +203,12 @@ template <class T>
 void decode_exact_rows(const StreamLayout& l, const std::uint8_t* block, index_t row0, index_t n,
                        float* out, index_t stride) {
   const T* src = reinterpret_cast<const T*>(block) + row0 * l.width;
+  if constexpr (std::is_same_v<T, Float16>) {
+    for (index_t r = 0; r < n; ++r) {
+      half_to_float(reinterpret_cast<const std::uint16_t*>(src + r * l.width), l.width, out + r * stride);
+    }
+    return;
+  }
   for (index_t r = 0; r < n; ++r) {
     for (index_t c = 0; c < l.width; ++c) out[r * stride + c] = to_float(src[r * l.width + c]);
   }

@@ -40,12 +40,15 @@ inline RopeStyle parse_rope_style(const std::string& text, const char* argument 
 /// of a sin/cos, with float-rounding accuracy.
 class RopeRotator {
  public:
+  /// Largest head_dim / 2 supported (head_dim <= 1024).
+  static constexpr index_t kMaxHalf = 512;
+
   RopeRotator() = default;
   RopeRotator(index_t head_dim, RopeConfig config, index_t tile_tokens)
       : head_dim_(head_dim), config_(config), tile_tokens_(tile_tokens) {
-    if (head_dim <= 0 || head_dim % 2 != 0) {
+    if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 2 * kMaxHalf) {
       detail::throw_argument_error("kvq::RopeRotator", "head_dim", head_dim,
-                                   "a positive even head dimension");
+                                   "a positive even head dimension <= 1024");
     }
     if (!(config.theta > 1.0) || !std::isfinite(config.theta)) {
       detail::throw_argument_error("kvq::RopeRotator", "theta", config.theta,
@@ -85,20 +88,32 @@ class RopeRotator {
       base_sin[i] = std::sin(a);
     }
     const bool adjacent = config_.style == RopeStyle::kAdjacentPairs;
+    float cos_t[kMaxHalf];
+    float sin_t[kMaxHalf];
     for (index_t t = 0; t < n; ++t) {
       const double* oc = offset_cos_.data() + t * half;
       const double* os = offset_sin_.data() + t * half;
       for (index_t i = 0; i < half; ++i) {
-        const auto c = static_cast<float>(base_cos[i] * oc[i] - base_sin[i] * os[i]);
-        const auto s = static_cast<float>(base_sin[i] * oc[i] + base_cos[i] * os[i]);
-        for (index_t h = 0; h < heads; ++h) {
-          float* x = rows + t * stride + h * head_dim_;
-          const index_t a = adjacent ? 2 * i : i;
-          const index_t b = adjacent ? 2 * i + 1 : i + half;
-          const float x0 = x[a];
-          const float x1 = x[b];
-          x[a] = x0 * c - x1 * s;
-          x[b] = x0 * s + x1 * c;
+        cos_t[i] = static_cast<float>(base_cos[i] * oc[i] - base_sin[i] * os[i]);
+        sin_t[i] = static_cast<float>(base_sin[i] * oc[i] + base_cos[i] * os[i]);
+      }
+      for (index_t h = 0; h < heads; ++h) {
+        float* x = rows + t * stride + h * head_dim_;
+        if (adjacent) {
+          for (index_t i = 0; i < half; ++i) {
+            const float x0 = x[2 * i];
+            const float x1 = x[2 * i + 1];
+            x[2 * i] = x0 * cos_t[i] - x1 * sin_t[i];
+            x[2 * i + 1] = x0 * sin_t[i] + x1 * cos_t[i];
+          }
+        } else {
+          float* y = x + half;
+          for (index_t i = 0; i < half; ++i) {
+            const float x0 = x[i];
+            const float x1 = y[i];
+            x[i] = x0 * cos_t[i] - x1 * sin_t[i];
+            y[i] = x0 * sin_t[i] + x1 * cos_t[i];
+          }
         }
       }
     }
