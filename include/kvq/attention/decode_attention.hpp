@@ -327,4 +327,61 @@ void attend(const QuantizedKVCache<Policy>& cache, SequenceId seq, index_t layer
   run.finish(w.state, out);
 }
 
+/// Decode attention of a batch of sequences of one layer (ragged lengths), one sequence per
+/// task on the options' pool (each sequence on one thread).
+/// @param seqs  [B] sequence ids
+/// @param q     [B, num_query_heads, head_dim] float
+/// @param out   [B, num_query_heads, head_dim] float
+/// Every sequence is validated before any output is written.
+template <class Policy>
+void attend_batch(const QuantizedKVCache<Policy>& cache, Span<const SequenceId> seqs, index_t layer,
+                  StridedView<const float, 3> q, StridedView<float, 3> out, const AttentionOptions& options = {}) {
+  constexpr const char* where = "kvq::attend_batch";
+  const auto batch = static_cast<index_t>(seqs.size());
+  check_view(where, "q", q, {batch, -1, cache.config().head_dim});
+  check_view(where, "out", out, {batch, q.extent(1), cache.config().head_dim});
+  for (index_t b = 0; b < batch; ++b) {
+    const SequenceId seq = seqs[static_cast<std::size_t>(b)];
+    if (!cache.is_live(seq)) {
+      detail::throw_argument_error(where, "seqs", detail::concat("seqs[", b, "] = ", seq), "ids of live sequences");
+    }
+    if (layer >= 0 && layer < cache.config().num_layers && cache.length(seq, layer) == 0) {
+      detail::throw_argument_error(where, "seqs", detail::concat("seqs[", b, "] = ", seq, " with no token in layer ", layer),
+                                   "sequences with at least one token (append first)");
+    }
+  }
+  if (layer < 0 || layer >= cache.config().num_layers) {
+    detail::throw_argument_error(where, "layer", layer, detail::concat("a layer in 0..", cache.config().num_layers - 1));
+  }
+  if (q.extent(1) < 1 || q.extent(1) % cache.config().num_kv_heads != 0) {
+    detail::throw_argument_error(where, "q", detail::shape_string(q),
+                                 detail::concat("[B, a positive multiple of num_kv_heads (", cache.config().num_kv_heads,
+                                                "), ", cache.config().head_dim, "]"));
+  }
+  for (index_t b = 0; b < batch; ++b) {
+    for (index_t h = 0; h < q.extent(1); ++h) {
+      for (index_t c = 0; c < q.extent(2); ++c) {
+        if (!std::isfinite(q(b, h, c))) {
+          detail::throw_argument_error(where, "q", detail::concat("q[", b, ", ", h, ", ", c, "] = ", q(b, h, c)),
+                                       "finite values", Status::kNonFiniteInput);
+        }
+      }
+    }
+  }
+  if (!(options.scale >= 0.0f) || !std::isfinite(options.scale)) {
+    detail::throw_argument_error(where, "options.scale", options.scale, "a finite scale >= 0 (0: 1/sqrt(head_dim))");
+  }
+  // Everything attend checks is checked above, so the tasks cannot throw.
+  AttentionOptions single = options;
+  single.pool = nullptr;
+  auto one = [&](index_t b) {
+    attend(cache, seqs[static_cast<std::size_t>(b)], layer, q.slice(b), out.slice(b), single);
+  };
+  if (options.pool == nullptr) {
+    for (index_t b = 0; b < batch; ++b) one(b);
+  } else {
+    options.pool->parallel_for(batch, one);
+  }
+}
+
 }  // namespace kvq
