@@ -248,6 +248,8 @@ class QuantizedKVCache {
     check_values(where, "k", k);
     check_values(where, "v", v);
     const index_t n = k.extent(0);
+    check_quantizable<KeyStream>(where, "k", seq, layer, /*is_key=*/true, k);
+    check_quantizable<ValueStream>(where, "v", seq, layer, /*is_key=*/false, v);
     LayerState& ls = sequences_[static_cast<std::size_t>(seq)].layers[static_cast<std::size_t>(layer)];
     const StreamCounts key_after = key_rule_.after_append(ls.key.counts, n);
     const StreamCounts value_after = value_rule_.after_append(ls.value.counts, n);
@@ -287,8 +289,16 @@ class QuantizedKVCache {
     return layer_state(seq, layer).key.counts.length;
   }
   /// Key / value token counts of a layer (see StreamCounts; sinks are min(length, sinks)).
-  StreamCounts key_counts(SequenceId seq, index_t layer) const { return layer_state(seq, layer).key.counts; }
-  StreamCounts value_counts(SequenceId seq, index_t layer) const { return layer_state(seq, layer).value.counts; }
+  StreamCounts key_counts(SequenceId seq, index_t layer) const {
+    check_sequence("kvq::QuantizedKVCache::key_counts", "seq", seq);
+    check_layer("kvq::QuantizedKVCache::key_counts", layer);
+    return layer_state(seq, layer).key.counts;
+  }
+  StreamCounts value_counts(SequenceId seq, index_t layer) const {
+    check_sequence("kvq::QuantizedKVCache::value_counts", "seq", seq);
+    check_layer("kvq::QuantizedKVCache::value_counts", layer);
+    return layer_state(seq, layer).value.counts;
+  }
   const WindowRule& key_rule() const noexcept { return key_rule_; }
   const WindowRule& value_rule() const noexcept { return value_rule_; }
 
@@ -421,7 +431,13 @@ class QuantizedKVCache {
           }
           MatrixQuantSpec check = spec;
           check.channel_groups = groups[l].view();
-          plan_matrix(1, width, check);  // validates the permutation and boundaries
+          try {
+            plan_matrix(1, width, check);  // validates the permutation and boundaries
+          } catch (const Error& e) {
+            detail::throw_argument_error(where, arg.c_str(), detail::concat("layer ", l, ": ", e.what()),
+                                         detail::concat("channel groups of the layer row (", width, " channels)"),
+                                         e.status());
+          }
         }
         if (std::all_of(groups.begin(), groups.end(), [&](const ChannelGroupsData& g) {
               return width % spec.group_size == 0 && detail::is_uniform_identity(g, spec.group_size);
@@ -506,6 +522,51 @@ class QuantizedKVCache {
       }
     }
   }
+
+  /// FP8 metadata (max 448) cannot hold every group of values in the exact type's range. A
+  /// per-token group depends on its own token only, so a token past the sinks whose groups would
+  /// overflow is rejected by the append that brings it (kMetadataOverflow), not by a later append
+  /// when it leaves the window (which would leave the sequence unable to take any token).
+  template <class Stream, class T>
+  void check_quantizable(const char* where, const char* arg, SequenceId seq, index_t layer, bool is_key,
+                         const StridedView<const T, 3>& x) {
+    if constexpr (Stream::quantized && !Traits::latent) {
+      if constexpr (Stream::axis == GroupAxis::kChannels && Stream::meta == MetaFormat::kFp8E4M3) {
+        const StreamLayout& layout = is_key ? key_layout_ : value_layout_;
+        MatrixQuantSpec spec = layout.spec;
+        spec.channel_groups = stream_view(seq, layer, is_key).groups;
+        float* row = staging_.data();
+        const index_t base = layer_state(seq, layer).key.counts.length;
+        detail::dispatch_stream(layout, [&](auto bits, auto meta) {
+          constexpr Bits B = decltype(bits)::value;
+          using Meta = decltype(meta);
+          const WindowRule& rule = is_key ? key_rule_ : value_rule_;
+          for (index_t t = 0; t < x.extent(0); ++t) {
+            if (base + t < rule.sinks) continue;  // sinks stay exact
+            load_input_row(x, t, row);
+            for (index_t g = 0; g < layout.matrix.groups_per_line; ++g) {
+              const detail::GroupSpan span = detail::group_span(spec, g);
+              GroupParams<Meta> p{};
+              QuantGrid grid{};
+              const Status s = spec.channel_groups.empty()
+                                   ? plan_group<B>(ContiguousLoader<float>{row + span.start}, span.length, spec.clip, &p, &grid)
+                                   : plan_group<B>(GatherLoader<float>{row, spec.channel_groups.permutation.data() + span.start, 1},
+                                                   span.length, spec.clip, &p, &grid);
+              if (s != Status::kOk) {
+                detail::throw_argument_error(
+                    where, arg, detail::concat(arg, "[", t, "] (token ", base + t, " of layer ", layer, ")"),
+                    detail::concat("values whose group scale and zero-point fit the stream's ", meta_label(spec.meta),
+                                   " metadata (the group at channel slot ", span.start, " overflows)"),
+                    s);
+              }
+            }
+          }
+          return 0;
+        });
+      }
+    }
+  }
+
   void check_capacity(const char* where, const char* arg, index_t key_new, index_t value_new, const std::string& what) const {
     if (key_new > key_pool_.free_blocks() || value_new > value_pool_.free_blocks()) {
       detail::throw_argument_error(
