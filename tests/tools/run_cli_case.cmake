@@ -1,11 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 # Runs one command-line case:  cmake -DCMD=<words separated by |> -DEXPECT_RC=<n|nonzero> [-DEXPECT=<regex>]
-#   [-DGUARD_FILE=<path>] -P run_cli_case.cmake
+#   [-DGUARD_FILE=<path>] [-DABSENT_FILES=<paths separated by |>] -P run_cli_case.cmake
 # GUARD_FILE is created with known content before the run and must be unchanged after it
-# (a failed command must not touch its output).
+# (a failed command must not touch its output). ABSENT_FILES are deleted before the run and must
+# not exist after it (a failed command must not create its outputs).
 if(GUARD_FILE)
   file(WRITE "${GUARD_FILE}" "kvq guard file\n")
 endif()
+string(REPLACE "|" ";" ABSENT_FILES "${ABSENT_FILES}")
+foreach(f IN LISTS ABSENT_FILES)
+  file(REMOVE "${f}")
+endforeach()
 string(REPLACE "|" ";" CMD "${CMD}")
 execute_process(COMMAND ${CMD} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 message("${out}${err}")
@@ -25,3 +30,8 @@ if(GUARD_FILE)
     message(FATAL_ERROR "the command changed ${GUARD_FILE}")
   endif()
 endif()
+foreach(f IN LISTS ABSENT_FILES)
+  if(EXISTS "${f}")
+    message(FATAL_ERROR "the command created ${f}")
+  endif()
+endforeach()

@@ -15,8 +15,12 @@ namespace kvq_tool {
 /// A registered subcommand's body; returns the process exit code.
 using Command = std::function<int()>;
 
-/// `kvq roundtrip`: quantize a 2-D .npy array and write the dequantized result.
+/// `kvq roundtrip`: quantize a 2-D .npy array and write the dequantized result (matrix mode), or
+/// run K/V dumps through a QuantizedKVCache of a registered policy (cache mode, --policy).
 Command add_roundtrip(CLI::App& app);
+
+/// `kvq policies`: the registered policies with their nominal and measured bits per element.
+Command add_policies(CLI::App& app);
 
 /// `kvq demo`: the round-trip table on a generated K-like tensor with outlier channels.
 Command add_demo(CLI::App& app);

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", fmt::format("kvq {}.{}.{}", KVQ_VERSION_MAJOR,
                                                 KVQ_VERSION_MINOR, KVQ_VERSION_PATCH));
   const kvq_tool::Command roundtrip = kvq_tool::add_roundtrip(app);
+  const kvq_tool::Command policies = kvq_tool::add_policies(app);
   const kvq_tool::Command demo = kvq_tool::add_demo(app);
   try {
     app.parse(argc, argv);
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (app.got_subcommand("roundtrip")) return roundtrip();
+    if (app.got_subcommand("policies")) return policies();
     if (app.got_subcommand("demo")) return demo();
   } catch (const kvq::Error& e) {
     fmt::print(stderr, "kvq: error ({}): {}\n", kvq::status_name(e.status()), e.what());

@@ -16,6 +16,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kvq/core/bits.hpp"
 #include "kvq/policy/spec.hpp"
 
 namespace kvq {
@@ -92,6 +93,54 @@ struct policy_traits {
   static constexpr bool pre_rope = P::pre_rope;
   static constexpr bool latent = Latent::enabled;
 };
+
+/// Latent rank per kv head of a CSKV stream that keeps `percent`% of the head's channels:
+/// max(1, round(head_dim * percent / 100)); a layer row has num_kv_heads times as many.
+constexpr index_t latent_head_rank(index_t head_dim, int percent) noexcept {
+  const index_t r = (head_dim * percent + 50) / 100;
+  return r < 1 ? 1 : r;
+}
+
+namespace detail {
+
+template <class S>
+constexpr double nominal_stream_bits(index_t per_head_group) noexcept {
+  if constexpr (S::quantized) {
+    const double code =
+        S::bits == Bits::kTernary ? 1.5 : static_cast<double>(static_cast<int>(S::bits));
+    const double group = S::group_size == kGroupPerHead ? static_cast<double>(per_head_group)
+                                                        : static_cast<double>(S::group_size);
+    return code + 2.0 * 8.0 * static_cast<double>(meta_bytes(S::meta)) / group;
+  } else {
+    return 8.0 * static_cast<double>(sizeof(typename S::value_type));
+  }
+}
+
+}  // namespace detail
+
+/// Nominal bits per key/value element of policy P, the figure papers quote: the mean over the
+/// key and the value stream of
+///   fraction * (code_bits + 2 * meta_bits / group_size)
+/// code_bits as labelled (1.5 for ternary, which the dense packing stores in 1.6), one scale and
+/// one zero-point of meta_bits (16 for fp16/bf16, 8 for fp8) per group, fraction = latent rank /
+/// head_dim for CSKV (1 otherwise); exact streams count 16 (fp16/bf16) or 32 (fp32) bits.
+/// Sinks, windows and block padding are left out: QuantizedKVCache::bits_per_element() (measured
+/// from allocations) exceeds it by their share, which shrinks as sequences grow.
+/// @param head_dim  channels per kv head (CSKV ranks and per-head value groups depend on it)
+template <class P>
+constexpr double nominal_bits_per_element(index_t head_dim) noexcept {
+  using L = typename P::Latent;
+  double key_fraction = 1.0, value_fraction = 1.0;
+  index_t value_group = head_dim;
+  if constexpr (L::enabled) {
+    value_group = latent_head_rank(head_dim, L::value_percent);
+    key_fraction = static_cast<double>(latent_head_rank(head_dim, L::key_percent)) /
+                   static_cast<double>(head_dim);
+    value_fraction = static_cast<double>(value_group) / static_cast<double>(head_dim);
+  }
+  return 0.5 * (key_fraction * detail::nominal_stream_bits<typename P::KeyStream>(value_group) +
+                value_fraction * detail::nominal_stream_bits<typename P::ValueStream>(value_group));
+}
 
 #if defined(__cpp_concepts) && __cpp_concepts >= 201907L
 /// C++20: the same requirement as is_kv_policy_v, usable in requires-clauses.
