@@ -146,8 +146,8 @@ kvq::QuantizedKVCache<Policy>& filled_cache(kvq::index_t tokens, kvq::index_t sp
     kvq::index_t value_rank = 0;
     if constexpr (latent) {
       using L = typename Policy::Latent;
-      key_rank = kKvHeads * ((kHeadDim * L::key_percent + 50) / 100);
-      value_rank = kKvHeads * ((kHeadDim * L::value_percent + 50) / 100);
+      key_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::key_percent);
+      value_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::value_percent);
     }
     f.cache = std::make_unique<Cache>(cfg, calibration_for(latent, kKvHeads * kHeadDim, key_rank, value_rank));
     f.seq = f.cache->add_sequence();
@@ -201,8 +201,8 @@ void BM_append_kvq(benchmark::State& state) {
     kvq::index_t value_rank = 0;
     if constexpr (latent) {
       using L = typename Policy::Latent;
-      key_rank = kKvHeads * ((kHeadDim * L::key_percent + 50) / 100);
-      value_rank = kKvHeads * ((kHeadDim * L::value_percent + 50) / 100);
+      key_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::key_percent);
+      value_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::value_percent);
     }
     Cache cache(cfg, calibration_for(latent, kKvHeads * kHeadDim, key_rank, value_rank));
     const kvq::SequenceId seq = cache.add_sequence();

@@ -32,13 +32,13 @@ using SkvqK2V15 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>;
 using CskvK2V4 = kvq::CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>;
 
 /// Exact bytes of one live sequence: per layer and stream, sinks plus the window ring (the
-/// method's settled window plus one row: KIVI's pending decode token; the cache reserves it for
-/// every policy), num_kv_heads * head_dim numbers of the exact type.
+/// method's settled window, plus one row for KIVI's pending decode token), num_kv_heads *
+/// head_dim numbers of the exact type.
 template <class P>
 std::size_t exact_bytes_per_sequence(index_t layers, index_t width) {
   using X = Expect<P>;
   const kvq_test::StreamModel k = X::key_model(), v = X::value_model();
-  const index_t rows = k.sink_cap + k.settled_max_window() + 1 + v.sink_cap + v.settled_max_window() + 1;
+  const index_t rows = k.sink_cap + k.ring_rows() + v.sink_cap + v.ring_rows();
   return static_cast<std::size_t>(layers * rows * width) * sizeof(typename X::exact_type);
 }
 

@@ -337,11 +337,11 @@ class Walk {
     const index_t value_width = latent ? X::value_rank(heads_, dim_) : width_;
     const std::size_t key_block = kvq_test::expected_block_bytes(X::key_stream(heads_, dim_), P::block_tokens, key_width);
     const std::size_t value_block = kvq_test::expected_block_bytes(X::value_stream(heads_, dim_), P::block_tokens, value_width);
-    // Exact rows per layer and stream: the sinks plus the ring (settled window + 1 row).
+    // Exact rows per layer and stream: the sinks plus the window ring.
     std::size_t exact_rows = 0;
     for (index_t k = 0; k < 2; ++k) {
       const StreamModel m = k == 0 ? X::key_model() : X::value_model();
-      exact_rows += static_cast<std::size_t>(m.sink_cap + m.settled_max_window() + 1);
+      exact_rows += static_cast<std::size_t>(m.sink_cap + m.ring_rows());
     }
     const std::size_t exact = static_cast<std::size_t>(layers_) * exact_rows * static_cast<std::size_t>(width_) * sizeof(E);
     REQUIRE(cache_.memory_bytes() == key_blocks * key_block + value_blocks * value_block + exact);

@@ -128,6 +128,13 @@ struct StreamModel {
     }
     return 0;
   }
+
+  /// Window rows the cache must reserve: the settled window, plus KIVI's pending token (a decode
+  /// step holds R keys or R + 1 values until its flush after attention).
+  index_t ring_rows() const {
+    const bool pending = method == Method::kKiviKeys || method == Method::kKiviValues;
+    return settled_max_window() + (pending ? 1 : 0);
+  }
 };
 
 // ---- what a policy type must store --------------------------------------------------------

@@ -152,8 +152,8 @@ class QuantizedKVCache {
     width_ = config.num_kv_heads * config.head_dim;
     if constexpr (Traits::latent) {
       using L = typename Policy::Latent;
-      key_rank_ = config.num_kv_heads * std::max<index_t>(1, (config.head_dim * L::key_percent + 50) / 100);
-      value_rank_ = config.num_kv_heads * std::max<index_t>(1, (config.head_dim * L::value_percent + 50) / 100);
+      key_rank_ = config.num_kv_heads * latent_head_rank(config.head_dim, L::key_percent);
+      value_rank_ = config.num_kv_heads * latent_head_rank(config.head_dim, L::value_percent);
       check_latent(where);
     } else {
       key_rank_ = width_;
@@ -255,7 +255,8 @@ class QuantizedKVCache {
     const StreamCounts value_after = value_rule_.after_append(ls.value.counts, n);
     const index_t key_new = blocks_for(key_after.quantized) - static_cast<index_t>(ls.key.blocks.size());
     const index_t value_new = blocks_for(value_after.quantized) - static_cast<index_t>(ls.value.blocks.size());
-    check_capacity(where, "k", key_new, value_new, detail::concat("an append of ", n, " tokens"));
+    check_capacity(where, key_new > key_pool_.free_blocks() ? "k" : "v", key_new, value_new,
+                   detail::concat("an append of ", n, " tokens"));
 
     for (index_t i = 0; i < key_new; ++i) ls.key.blocks.push_back(key_pool_.allocate());
     for (index_t i = 0; i < value_new; ++i) ls.value.blocks.push_back(value_pool_.allocate());

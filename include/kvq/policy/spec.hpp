@@ -87,8 +87,9 @@ struct WindowSpec {
   static constexpr int max_window = MaxWindow;
   static constexpr int chunk = Chunk;
   static constexpr FlushTiming timing = Timing;
-  /// Exact rows a sequence keeps per layer for the window: the most it can hold at any time.
-  static constexpr int window_capacity = MaxWindow + 1;
+  /// Exact rows a sequence keeps per layer for the window: the most it can hold at any time
+  /// (MaxWindow, plus the pending token of an after-attention flush).
+  static constexpr int window_capacity = MaxWindow + (Timing == FlushTiming::kAfterAttention ? 1 : 0);
 };
 
 /// No latent projection: streams hold keys and values themselves (width num_kv_heads * head_dim).

@@ -5,8 +5,8 @@
 ///        codes, a byte lookup table for ternary codes and a portable path for the rest.
 ///
 /// Every kvq host reader of quantized blocks (cache read-back, CPU attention, its fp64
-/// reference) goes through this function, so they all see the same dequantized values. With
-/// FMA available the product and sum are fused (one rounding); both paths use the same form.
+/// reference) goes through this function; its values equal dequantize_value's (quant/params.hpp)
+/// on every path.
 #pragma once
 
 #include <array>
@@ -19,6 +19,7 @@
 #include "kvq/core/float_types.hpp"
 #include "kvq/quant/bits.hpp"
 #include "kvq/quant/pack.hpp"
+#include "kvq/quant/params.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -31,13 +32,10 @@ namespace kvq {
 
 namespace detail {
 
-/// code * scale + zero with the same rounding as the SIMD kernels.
+/// code * scale + zero: dequantize_value, whose rounding the SIMD kernels share (fused where
+/// FMA exists; the AVX2 kernels need FMA).
 inline float affine(std::uint32_t code, float scale, float zero) noexcept {
-#if KVQ_HAVE_AVX2
-  return __builtin_fmaf(static_cast<float>(code), scale, zero);
-#else
-  return static_cast<float>(code) * scale + zero;
-#endif
+  return dequantize_value(code, scale, zero);
 }
 
 /// The five base-3 digits of every ternary byte value (0 .. 242; larger values never occur).

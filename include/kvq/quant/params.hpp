@@ -129,9 +129,17 @@ KVQ_HOST_DEVICE std::uint32_t quantize_value(float x, const QuantGrid& g) noexce
   return static_cast<std::uint32_t>(static_cast<std::int32_t>(round_half_even_code(v)));
 }
 
-/// The value of a code: code * scale + zero.
+/// The value of a code: code * scale + zero, fused (one rounding) wherever the target has FMA,
+/// so that every reader of a block (group and matrix dequantization, cache read-back, attention)
+/// sees the same value whatever the compiler's contraction settings.
 KVQ_HOST_DEVICE float dequantize_value(std::uint32_t code, float scale, float zero) noexcept {
+#if KVQ_DEVICE_PASS
+  return __fmaf_rn(static_cast<float>(code), scale, zero);
+#elif defined(__FMA__)
+  return __builtin_fmaf(static_cast<float>(code), scale, zero);
+#else
   return static_cast<float>(code) * scale + zero;
+#endif
 }
 
 }  // namespace kvq
