@@ -15,6 +15,14 @@
 #define KVQ_HOST_DEVICE inline
 #endif
 
+/// Host hot-path helpers that must inline into their SIMD loops (GCC and Clang otherwise keep
+/// some out of line for size).
+#if defined(__GNUC__) || defined(__clang__)
+#define KVQ_FORCEINLINE inline __attribute__((always_inline))
+#else
+#define KVQ_FORCEINLINE inline
+#endif
+
 /// True while compiling device code (the device pass of nvcc).
 #if defined(__CUDA_ARCH__)
 #define KVQ_DEVICE_PASS 1

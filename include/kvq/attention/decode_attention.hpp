@@ -175,15 +175,11 @@ class DecodeAttention {
   void update_softmax(index_t n, AttentionWorkspace& w, SoftmaxState& state) const {
     for (index_t qh = 0; qh < query_heads_; ++qh) {
       float* s = w.scores.data() + qh * tile;
-      float m = state.max[static_cast<std::size_t>(qh)];
-      float tile_max = s[0];
-      for (index_t t = 1; t < n; ++t) tile_max = s[t] > tile_max ? s[t] : tile_max;
+      const float m = state.max[static_cast<std::size_t>(qh)];
+      const float tile_max = max_of(s, n);
       const float new_max = tile_max > m ? tile_max : m;
-      float total = 0.0f;
-      for (index_t t = 0; t < n; ++t) {
-        s[t] = exp_nonpositive(s[t] - new_max);
-        total += s[t];
-      }
+      exp_shifted(s, n, new_max);
+      const float total = sum_of(s, n);
       if (new_max != m) {
         const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpositive(m - new_max);
         float* acc = state.acc.data() + qh * dim_;

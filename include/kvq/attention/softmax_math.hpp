@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "kvq/core/bits.hpp"
+#include "kvq/quant/decode_affine.hpp"  // KVQ_HAVE_AVX2 and <immintrin.h>
 
 namespace kvq::detail {
 
@@ -30,6 +31,32 @@ inline float exp_nonpositive(float x) noexcept {
   return p * scale;
 }
 
+/// s[t] = e^(s[t] - m) for t < n, where every s[t] <= m (the AVX2 kernel evaluates
+/// exp_nonpositive's formula 8 lanes at a time).
+inline void exp_shifted(float* s, index_t n, float m) noexcept {
+  index_t t = 0;
+#if KVQ_HAVE_AVX2
+  const __m256 vm = _mm256_set1_ps(m);
+  for (; t + 8 <= n; t += 8) {
+    __m256 x = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm), _mm256_set1_ps(-87.0f));
+    const __m256i ni = _mm256_cvttps_epi32(_mm256_fmsub_ps(x, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(0.5f)));
+    const __m256 n8 = _mm256_cvtepi32_ps(ni);
+    const __m256 r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(1.42860677e-6f),
+                                      _mm256_fnmadd_ps(n8, _mm256_set1_ps(0.693145752f), x));
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+    _mm256_storeu_ps(s + t, _mm256_mul_ps(p, scale));
+  }
+#endif
+  for (; t < n; ++t) s[t] = exp_nonpositive(s[t] - m);
+}
+
 /// Sum of a[i] * b[i] over n elements, with 16 independent partial sums.
 inline float dot(const float* a, const float* b, index_t n) noexcept {
   float lanes[16] = {};
@@ -40,6 +67,33 @@ inline float dot(const float* a, const float* b, index_t n) noexcept {
   for (; i < n; ++i) lanes[0] += a[i] * b[i];
   float s = 0.0f;
   for (int l = 0; l < 16; ++l) s += lanes[l];
+  return s;
+}
+
+/// Largest of x[0 .. n), n >= 1, with 8 independent lanes (vectorizes without fast-math).
+inline float max_of(const float* x, index_t n) noexcept {
+  float lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = x[0];
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+  }
+  for (; i < n; ++i) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
+  float m = lanes[0];
+  for (int l = 1; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+/// Sum of x[0 .. n) with 8 independent lanes.
+inline float sum_of(const float* x, index_t n) noexcept {
+  float lanes[8] = {};
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) lanes[l] += x[i + l];
+  }
+  for (; i < n; ++i) lanes[0] += x[i];
+  float s = 0.0f;
+  for (int l = 0; l < 8; ++l) s += lanes[l];
   return s;
 }
 

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "kvq/config.hpp"
 #include "kvq/core/bits.hpp"
 #include "kvq/core/float_types.hpp"
 #include "kvq/quant/bits.hpp"
@@ -54,6 +55,19 @@ inline const std::array<std::array<std::uint8_t, 5>, 256>& ternary_digits() noex
   return table;
 }
 
+/// ternary_digits as floats, padded to 8 lanes (for the AVX2 ternary decoder).
+struct alignas(32) TernaryLanes : std::array<float, 8> {};
+inline const std::array<TernaryLanes, 256>& ternary_lanes() noexcept {
+  static const auto table = [] {
+    std::array<TernaryLanes, 256> t{};
+    for (std::size_t b = 0; b < 256; ++b) {
+      for (std::size_t i = 0; i < 5; ++i) t[b][i] = static_cast<float>(ternary_digits()[b][i]);
+    }
+    return t;
+  }();
+  return table;
+}
+
 template <Bits B>
 void decode_affine_portable(const std::uint8_t* stream, std::size_t first, index_t n, float scale,
                             float zero, float* out) noexcept {
@@ -68,7 +82,7 @@ namespace detail {
 
 /// Eight codes of width B (2, 4 or 8) starting at byte p, as int32 lanes.
 template <Bits B>
-inline __m256i load8_codes(const std::uint8_t* p) noexcept {
+KVQ_FORCEINLINE __m256i load8_codes(const std::uint8_t* p) noexcept {
   if constexpr (B == Bits::k8) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   } else {
@@ -87,8 +101,8 @@ inline __m256i load8_codes(const std::uint8_t* p) noexcept {
 
 /// out[i] = code(first + i) * scale + zero for i in [0, n).
 template <Bits B>
-inline void decode_affine(const std::uint8_t* stream, std::size_t first, index_t n, float scale,
-                          float zero, float* out) noexcept {
+KVQ_FORCEINLINE void decode_affine(const std::uint8_t* stream, std::size_t first, index_t n, float scale,
+                                   float zero, float* out) noexcept {
   if constexpr (B == Bits::kTernary) {
     const auto& digits = detail::ternary_digits();
     index_t i = 0;
@@ -96,6 +110,17 @@ inline void decode_affine(const std::uint8_t* stream, std::size_t first, index_t
     for (; i < n && e % 5 != 0; ++i, ++e) {
       out[i] = detail::affine(digits[stream[e / 5]][e % 5], scale, zero);
     }
+#if KVQ_HAVE_AVX2
+    // Whole bytes: the byte's five digits as floats (padded to 8) times scale plus zero; the
+    // 8-wide store spills 3 lanes that the next byte overwrites, so it stops one byte early.
+    const auto& lanes = detail::ternary_lanes();
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 z = _mm256_set1_ps(zero);
+    for (; i + 8 <= n; i += 5, e += 5) {
+      const __m256 d = _mm256_load_ps(lanes[stream[e / 5]].data());
+      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(d, s, z));
+    }
+#endif
     for (; i + 5 <= n; i += 5, e += 5) {
       const auto& d = digits[stream[e / 5]];
       for (int k = 0; k < 5; ++k) out[i + k] = detail::affine(d[static_cast<std::size_t>(k)], scale, zero);
@@ -134,7 +159,7 @@ inline void decode_affine(const std::uint8_t* stream, std::size_t first, index_t
 
 /// A stored scale or zero-point as float (F16C for fp16 where available).
 template <class Meta>
-inline float meta_to_float(Meta m) noexcept {
+KVQ_FORCEINLINE float meta_to_float(Meta m) noexcept {
 #if KVQ_HAVE_AVX2 && defined(__F16C__)
   if constexpr (std::is_same_v<Meta, Float16>) return _cvtsh_ss(m.bits());
 #endif
@@ -145,7 +170,8 @@ inline float meta_to_float(Meta m) noexcept {
 inline void half_to_float(const std::uint16_t* in, index_t n, float* out) noexcept {
   index_t i = 0;
 #if KVQ_HAVE_AVX2 && defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
+  const index_t n8 = n - n % 8;
+  for (; i < n8; i += 8) {
     _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
   }
 #endif
