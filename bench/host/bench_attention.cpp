@@ -119,47 +119,41 @@ void BM_attention_fp32_eigen_gemm(benchmark::State& state) {
   set_counters(state, tokens, 2.0 * static_cast<double>(tokens * kHeadDim) * sizeof(float));
 }
 
+/// A one-layer cache of kKvHeads x kHeadDim with room for `tokens` tokens (CSKV gets seeded
+/// random orthonormal factors), holding sequence 0 with the first `prefill` tokens of data().
 template <class Policy>
-struct Filled {
-  std::unique_ptr<kvq::QuantizedKVCache<Policy>> cache;
-  kvq::SequenceId seq = 0;
-};
-
-kvq::CacheCalibration calibration_for(bool latent, kvq::index_t width, kvq::index_t key_rank, kvq::index_t value_rank) {
-  kvq::CacheCalibration c;
-  if (latent) c.latent.push_back(kvq::random_orthonormal_factors(width, key_rank, value_rank, 11));
-  return c;
+std::unique_ptr<kvq::QuantizedKVCache<Policy>> make_cache(kvq::index_t tokens, kvq::index_t prefill) {
+  using Cache = kvq::QuantizedKVCache<Policy>;
+  kvq::CacheConfig cfg;
+  cfg.num_layers = 1;
+  cfg.num_kv_heads = kKvHeads;
+  cfg.head_dim = kHeadDim;
+  cfg.num_blocks = Cache::blocks_for_tokens(1, tokens);
+  kvq::CacheCalibration calibration;
+  if constexpr (kvq::policy_traits<Policy>::latent) {
+    using L = typename Policy::Latent;
+    calibration.latent.push_back(kvq::random_orthonormal_factors(
+        kKvHeads * kHeadDim, kKvHeads * kvq::latent_head_rank(kHeadDim, L::key_percent),
+        kKvHeads * kvq::latent_head_rank(kHeadDim, L::value_percent), 11));
+  }
+  auto cache = std::make_unique<Cache>(cfg, std::move(calibration));
+  const kvq::SequenceId seq = cache->add_sequence();
+  if (prefill == 0) return cache;
+  const Data& d = data(prefill);
+  constexpr kvq::index_t chunk = 4096;
+  for (kvq::index_t t = 0; t < prefill; t += chunk) {
+    const kvq::index_t n = std::min(chunk, prefill - t);
+    cache->append(seq, 0, d.keys.data() + t * kHeadDim, d.values.data() + t * kHeadDim, n);
+  }
+  return cache;
 }
 
 template <class Policy>
-kvq::QuantizedKVCache<Policy>& filled_cache(kvq::index_t tokens, kvq::index_t spare_tokens = 0) {
-  static std::map<std::pair<kvq::index_t, kvq::index_t>, Filled<Policy>> caches;
-  Filled<Policy>& f = caches[{tokens, spare_tokens}];
-  if (!f.cache) {
-    using Cache = kvq::QuantizedKVCache<Policy>;
-    kvq::CacheConfig cfg;
-    cfg.num_layers = 1;
-    cfg.num_kv_heads = kKvHeads;
-    cfg.head_dim = kHeadDim;
-    cfg.num_blocks = Cache::blocks_for_tokens(1, tokens + spare_tokens);
-    constexpr bool latent = kvq::policy_traits<Policy>::latent;
-    kvq::index_t key_rank = 0;
-    kvq::index_t value_rank = 0;
-    if constexpr (latent) {
-      using L = typename Policy::Latent;
-      key_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::key_percent);
-      value_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::value_percent);
-    }
-    f.cache = std::make_unique<Cache>(cfg, calibration_for(latent, kKvHeads * kHeadDim, key_rank, value_rank));
-    f.seq = f.cache->add_sequence();
-    const Data& d = data(tokens);
-    constexpr kvq::index_t chunk = 4096;
-    for (kvq::index_t t = 0; t < tokens; t += chunk) {
-      const kvq::index_t n = std::min(chunk, tokens - t);
-      f.cache->append(f.seq, 0, d.keys.data() + t * kHeadDim, d.values.data() + t * kHeadDim, n);
-    }
-  }
-  return *f.cache;
+kvq::QuantizedKVCache<Policy>& filled_cache(kvq::index_t tokens) {
+  static std::map<kvq::index_t, std::unique_ptr<kvq::QuantizedKVCache<Policy>>> caches;
+  auto& cache = caches[tokens];
+  if (!cache) cache = make_cache<Policy>(tokens, tokens);
+  return *cache;
 }
 
 template <class Policy>
@@ -191,25 +185,9 @@ void BM_append_kvq(benchmark::State& state) {
   const Data& d = data(4096);
   for (auto _ : state) {
     state.PauseTiming();
-    using Cache = kvq::QuantizedKVCache<Policy>;
-    kvq::CacheConfig cfg;
-    cfg.num_layers = 1;
-    cfg.num_kv_heads = kKvHeads;
-    cfg.head_dim = kHeadDim;
-    cfg.num_blocks = Cache::blocks_for_tokens(1, tokens + kAppends);
-    constexpr bool latent = kvq::policy_traits<Policy>::latent;
-    kvq::index_t key_rank = 0;
-    kvq::index_t value_rank = 0;
-    if constexpr (latent) {
-      using L = typename Policy::Latent;
-      key_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::key_percent);
-      value_rank = kKvHeads * kvq::latent_head_rank(kHeadDim, L::value_percent);
-    }
-    Cache cache(cfg, calibration_for(latent, kKvHeads * kHeadDim, key_rank, value_rank));
-    const kvq::SequenceId seq = cache.add_sequence();
-    for (kvq::index_t t = 0; t < tokens; t += 4096) {
-      cache.append(seq, 0, d.keys.data(), d.values.data(), std::min<kvq::index_t>(4096, tokens - t));
-    }
+    auto cache_ptr = make_cache<Policy>(tokens + kAppends, tokens);
+    auto& cache = *cache_ptr;
+    const kvq::SequenceId seq = 0;
     state.ResumeTiming();
     for (kvq::index_t i = 0; i < kAppends; ++i) {
       const kvq::index_t t = i % 4096;

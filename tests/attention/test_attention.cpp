@@ -28,22 +28,9 @@ using kvq::MetaFormat;
 using kvq::RopeStyle;
 using kvq::SequenceId;
 
-using KiviSmall = kvq::KiviPolicy<Bits::k2, Bits::k2, 4, 8>;
-using KiviK2 = kvq::KiviPolicy<Bits::k2, Bits::k2, 32, 128>;
-using KiviK4 = kvq::KiviPolicy<Bits::k4, Bits::k4, 32, 128>;
+using namespace kvq_test::policies;  // KiviK2, SkvqSmall, ...
 using KiviK3 = kvq::KiviPolicy<Bits::k3, Bits::k8, 16, 32>;
-using SkvqSmall = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 8, 6, 3>;
 using SkvqNoWindow = kvq::SkvqPolicy<Bits::k4, Bits::k2, 8, 0, 2, 1000, MetaFormat::kFp16, false>;
-using SkvqK2V15 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>;
-using SkvqK2V2 = kvq::SkvqPolicy<Bits::k2, Bits::k2, 128, 128, 5>;
-using CskvSmall = kvq::CskvPolicy<Bits::k4, Bits::k2, 50, 75, 4>;
-using CskvK4V4 = kvq::CskvPolicy<Bits::k4, Bits::k4, 50, 50, 32>;
-using CskvK2V4 = kvq::CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>;
-using PerTokenK2 = kvq::PerTokenPolicy<Bits::k2, Bits::k2, 32>;
-using PerTokenK4 = kvq::PerTokenPolicy<Bits::k4, Bits::k4, 32>;
-using Fp16 = kvq::Fp16Policy<kvq::Float16>;
-using Bf16 = kvq::Fp16Policy<kvq::BFloat16>;
-using Fp32 = kvq::Fp16Policy<float>;
 /// Pre-RoPE with a window longer than any test sequence: every key exact (fp16).
 using ExactPreRope = kvq::SkvqPolicy<Bits::k8, Bits::k8, 16, 2048, 0, 1000, MetaFormat::kFp16, true>;
 

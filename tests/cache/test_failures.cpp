@@ -27,13 +27,7 @@ using kvq::SequenceId;
 using kvq::Status;
 using kvq_test::Expect;
 
-using KiviSmall = kvq::KiviPolicy<Bits::k2, Bits::k2, 4, 8>;
-using SkvqSmall = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 8, 6, 3>;
-using CskvSmall = kvq::CskvPolicy<Bits::k4, Bits::k2, 50, 75, 4>;
-using PerTokenSmall = kvq::PerTokenPolicy<Bits::k2, Bits::k4, 8>;
-using Fp16 = kvq::Fp16Policy<kvq::Float16>;
-using Bf16 = kvq::Fp16Policy<kvq::BFloat16>;
-using Fp32 = kvq::Fp16Policy<float>;
+using namespace kvq_test::policies;  // KiviK2, SkvqSmall, ...
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();

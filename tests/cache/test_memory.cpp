@@ -21,15 +21,7 @@ using kvq::index_t;
 using kvq::MetaFormat;
 using kvq_test::Expect;
 
-using KiviSmall = kvq::KiviPolicy<Bits::k2, Bits::k2, 4, 8>;
-using SkvqSmall = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 8, 6, 3>;
-using CskvSmall = kvq::CskvPolicy<Bits::k4, Bits::k2, 50, 75, 4>;
-using PerTokenSmall = kvq::PerTokenPolicy<Bits::k2, Bits::k4, 8>;
-using Fp16 = kvq::Fp16Policy<kvq::Float16>;
-using Fp32 = kvq::Fp16Policy<float>;
-using KiviK2 = kvq::KiviPolicy<Bits::k2, Bits::k2, 32, 128>;
-using SkvqK2V15 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>;
-using CskvK2V4 = kvq::CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>;
+using namespace kvq_test::policies;  // KiviK2, SkvqSmall, ...
 
 /// Exact bytes of one live sequence: per layer and stream, sinks plus the window ring (the
 /// method's settled window, plus one row for KIVI's pending decode token), num_kv_heads *

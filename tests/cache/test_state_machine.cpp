@@ -29,24 +29,10 @@ using kvq_test::StreamExpect;
 using kvq_test::StreamModel;
 
 // Small parameters keep the walks short; the registry's defaults are walked too.
-using KiviSmall = kvq::KiviPolicy<Bits::k2, Bits::k2, 4, 8>;
+using namespace kvq_test::policies;  // KiviK2, SkvqSmall, ...
 using KiviSmall34 = kvq::KiviPolicy<Bits::k3, Bits::k4, 4, 12>;
-using SkvqSmall = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 8, 6, 3>;
 using SkvqNoWindow = kvq::SkvqPolicy<Bits::k4, Bits::k2, 8, 0, 2, 1000, MetaFormat::kFp16, false>;
 using SkvqNoSinks = kvq::SkvqPolicy<Bits::k8, Bits::k3, 16, 5, 0, 960, MetaFormat::kBf16>;
-using CskvSmall = kvq::CskvPolicy<Bits::k4, Bits::k2, 50, 75, 4>;
-using PerTokenSmall = kvq::PerTokenPolicy<Bits::k2, Bits::k4, 8>;
-using Fp16 = kvq::Fp16Policy<kvq::Float16>;
-using Bf16 = kvq::Fp16Policy<kvq::BFloat16>;
-using Fp32 = kvq::Fp16Policy<float>;
-using KiviK2 = kvq::KiviPolicy<Bits::k2, Bits::k2, 32, 128>;
-using KiviK4 = kvq::KiviPolicy<Bits::k4, Bits::k4, 32, 128>;
-using SkvqK2V15 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>;
-using SkvqK2V2 = kvq::SkvqPolicy<Bits::k2, Bits::k2, 128, 128, 5>;
-using CskvK4V4 = kvq::CskvPolicy<Bits::k4, Bits::k4, 50, 50, 32>;
-using CskvK2V4 = kvq::CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>;
-using PerTokenK2 = kvq::PerTokenPolicy<Bits::k2, Bits::k2, 32>;
-using PerTokenK4 = kvq::PerTokenPolicy<Bits::k4, Bits::k4, 32>;
 
 /// Equal channel groups as policy/skvq.hpp documents them for a row that G does not divide:
 /// max(1, round(width / G)) groups in identity order, sizes differing by at most one.

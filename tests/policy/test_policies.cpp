@@ -20,21 +20,10 @@ using kvq::index_t;
 using kvq::MetaFormat;
 using kvq_test::Expect;
 
-using Fp16 = kvq::Fp16Policy<kvq::Float16>;
-using Bf16 = kvq::Fp16Policy<kvq::BFloat16>;
-using Fp32 = kvq::Fp16Policy<float>;
-using KiviK2 = kvq::KiviPolicy<Bits::k2, Bits::k2, 32, 128>;
-using KiviK4 = kvq::KiviPolicy<Bits::k4, Bits::k4, 32, 128>;
-using SkvqK2V15 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>;
-using SkvqK2V2 = kvq::SkvqPolicy<Bits::k2, Bits::k2, 128, 128, 5>;
-using CskvK4V4 = kvq::CskvPolicy<Bits::k4, Bits::k4, 50, 50, 32>;
-using CskvK2V4 = kvq::CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>;
-using PerTokenK2 = kvq::PerTokenPolicy<Bits::k2, Bits::k2, 32>;
-using PerTokenK4 = kvq::PerTokenPolicy<Bits::k4, Bits::k4, 32>;
+using namespace kvq_test::policies;  // KiviK2, SkvqSmall, ...
 
-using KiviSmall = kvq::KiviPolicy<Bits::k3, Bits::k4, 4, 12>;
+using KiviSmall34 = kvq::KiviPolicy<Bits::k3, Bits::k4, 4, 12>;
 using SkvqVariant = kvq::SkvqPolicy<Bits::k8, Bits::k3, 16, 5, 0, 960, MetaFormat::kBf16, false>;
-using CskvSmall = kvq::CskvPolicy<Bits::k4, Bits::k2, 50, 75, 4>;
 
 // The registry is exactly the list of compiled-in policies, in order.
 static_assert(std::is_same_v<kvq::RegisteredPolicies,
@@ -124,7 +113,7 @@ TEST_CASE("every policy type stores what ALGORITHMS.md describes", "[policy]") {
   require_policy_matches_algorithms<CskvK2V4>();
   require_policy_matches_algorithms<PerTokenK2>();
   require_policy_matches_algorithms<PerTokenK4>();
-  require_policy_matches_algorithms<KiviSmall>();
+  require_policy_matches_algorithms<KiviSmall34>();
   require_policy_matches_algorithms<SkvqVariant>();
   require_policy_matches_algorithms<CskvSmall>();
 }
@@ -154,7 +143,7 @@ TEST_CASE("policy names", "[policy]") {
   REQUIRE(SkvqVariant::name() == "skvq-k8v3-g16-w5-s0-c960-bf16-postrope");
   REQUIRE(kvq::SkvqPolicy<Bits::k4, Bits::k4, 64, 0, 5, 960>::name() == "skvq-k4v4-g64-w0-s5-c960");
   REQUIRE(kvq::SkvqPolicy<Bits::k2, Bits::k2, 32, 16, 2, 920, MetaFormat::kFp16>::name() == "skvq-k2v2-g32-w16-s2-fp16");
-  REQUIRE(KiviSmall::name() == "kivi-k3v4-g4-r12");
+  REQUIRE(KiviSmall34::name() == "kivi-k3v4-g4-r12");
   REQUIRE(CskvSmall::name() == "cskv-k4v2-r50-75-w4");
   REQUIRE(kvq::PerTokenPolicy<Bits::k8, Bits::kTernary, 16>::name() == "pertoken-k8v1.5-g16");
 }

@@ -23,6 +23,28 @@ using kvq::GroupAxis;
 using kvq::index_t;
 using kvq::MetaFormat;
 
+// ---- policies the cache tests share --------------------------------------------------------
+
+/// Small parameters (many flushes in few tokens) and the registry's defaults.
+namespace policies {
+using kvq::Bits;
+using KiviSmall = kvq::KiviPolicy<Bits::k2, Bits::k2, 4, 8>;
+using SkvqSmall = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 8, 6, 3>;
+using CskvSmall = kvq::CskvPolicy<Bits::k4, Bits::k2, 50, 75, 4>;
+using PerTokenSmall = kvq::PerTokenPolicy<Bits::k2, Bits::k4, 8>;
+using Fp16 = kvq::Fp16Policy<kvq::Float16>;
+using Bf16 = kvq::Fp16Policy<kvq::BFloat16>;
+using Fp32 = kvq::Fp16Policy<float>;
+using KiviK2 = kvq::KiviPolicy<Bits::k2, Bits::k2, 32, 128>;
+using KiviK4 = kvq::KiviPolicy<Bits::k4, Bits::k4, 32, 128>;
+using SkvqK2V15 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>;
+using SkvqK2V2 = kvq::SkvqPolicy<Bits::k2, Bits::k2, 128, 128, 5>;
+using CskvK4V4 = kvq::CskvPolicy<Bits::k4, Bits::k4, 50, 50, 32>;
+using CskvK2V4 = kvq::CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>;
+using PerTokenK2 = kvq::PerTokenPolicy<Bits::k2, Bits::k2, 32>;
+using PerTokenK4 = kvq::PerTokenPolicy<Bits::k4, Bits::k4, 32>;
+}  // namespace policies
+
 // ---- the state machines of ALGORITHMS.md --------------------------------------------------
 
 /// Which rule of ALGORITHMS.md moves a stream's tokens out of its full-precision window.
