@@ -63,7 +63,6 @@ class BlockPool {
   void release(std::int32_t b) noexcept {
     if (--refs_[static_cast<std::size_t>(b)] == 0) free_.push_back(b);
   }
-  std::int32_t references(std::int32_t b) const noexcept { return refs_[static_cast<std::size_t>(b)]; }
 
   std::uint8_t* data(std::int32_t b) noexcept {
     return data_.get() + static_cast<std::size_t>(b) * block_bytes_;

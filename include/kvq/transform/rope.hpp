@@ -45,7 +45,7 @@ class RopeRotator {
 
   RopeRotator() = default;
   RopeRotator(index_t head_dim, RopeConfig config, index_t tile_tokens)
-      : head_dim_(head_dim), config_(config), tile_tokens_(tile_tokens) {
+      : head_dim_(head_dim), config_(config) {
     if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 2 * kMaxHalf) {
       detail::throw_argument_error("kvq::RopeRotator", "head_dim", head_dim,
                                    "a positive even head dimension <= 1024");
@@ -71,9 +71,6 @@ class RopeRotator {
     }
   }
 
-  index_t head_dim() const noexcept { return head_dim_; }
-  index_t tile_tokens() const noexcept { return tile_tokens_; }
-  const RopeConfig& config() const noexcept { return config_; }
 
   /// Rotates rows [n, heads * head_dim] (row stride `stride`), row t at position pos0 + t;
   /// n <= tile_tokens. `base` is scratch of head_dim doubles.
@@ -139,7 +136,6 @@ class RopeRotator {
  private:
   index_t head_dim_ = 0;
   RopeConfig config_{};
-  index_t tile_tokens_ = 0;
   std::vector<double> inv_freq_;
   std::vector<double> offset_cos_;  // [tile_tokens, head_dim / 2]
   std::vector<double> offset_sin_;
