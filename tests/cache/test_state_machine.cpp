@@ -30,7 +30,6 @@ using kvq_test::StreamModel;
 
 // Small parameters keep the walks short; the registry's defaults are walked too.
 using namespace kvq_test::policies;  // KiviK2, SkvqSmall, ...
-using KiviSmall34 = kvq::KiviPolicy<Bits::k3, Bits::k4, 4, 12>;
 using SkvqNoWindow = kvq::SkvqPolicy<Bits::k4, Bits::k2, 8, 0, 2, 1000, MetaFormat::kFp16, false>;
 using SkvqNoSinks = kvq::SkvqPolicy<Bits::k8, Bits::k3, 16, 5, 0, 960, MetaFormat::kBf16>;
 

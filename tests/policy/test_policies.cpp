@@ -22,7 +22,6 @@ using kvq_test::Expect;
 
 using namespace kvq_test::policies;  // KiviK2, SkvqSmall, ...
 
-using KiviSmall34 = kvq::KiviPolicy<Bits::k3, Bits::k4, 4, 12>;
 using SkvqVariant = kvq::SkvqPolicy<Bits::k8, Bits::k3, 16, 5, 0, 960, MetaFormat::kBf16, false>;
 
 // The registry is exactly the list of compiled-in policies, in order.

@@ -29,6 +29,7 @@ using kvq::MetaFormat;
 namespace policies {
 using kvq::Bits;
 using KiviSmall = kvq::KiviPolicy<Bits::k2, Bits::k2, 4, 8>;
+using KiviSmall34 = kvq::KiviPolicy<Bits::k3, Bits::k4, 4, 12>;
 using SkvqSmall = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 8, 6, 3>;
 using CskvSmall = kvq::CskvPolicy<Bits::k4, Bits::k2, 50, 75, 4>;
 using PerTokenSmall = kvq::PerTokenPolicy<Bits::k2, Bits::k4, 8>;
