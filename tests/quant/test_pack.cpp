@@ -10,14 +10,12 @@
 #include "kvq/quant/pack.hpp"
 #include "kvq_catch.hpp"
 #include "seeds.hpp"
+#include "widths.hpp"
 
 namespace {
 
 using kvq::Bits;
-template <Bits B>
-using BitsC = std::integral_constant<Bits, B>;
-using AllWidths = std::tuple<BitsC<Bits::kTernary>, BitsC<Bits::k2>, BitsC<Bits::k3>,
-                             BitsC<Bits::k4>, BitsC<Bits::k8>>;
+using kvq_test::AllWidths;
 
 }  // namespace
 
