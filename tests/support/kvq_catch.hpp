@@ -10,7 +10,10 @@
 #include <catch2/matchers/catch_matchers_floating_point.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #define KVQ_CATCH_MAJOR 3
+/// A matcher for REQUIRE_THROWS_WITH: the message contains `text`.
+#define KVQ_CONTAINS(text) Catch::Matchers::ContainsSubstring(text)
 #else
 #include <catch2/catch.hpp>
 #define KVQ_CATCH_MAJOR 2
+#define KVQ_CONTAINS(text) Catch::Matchers::Contains(text)
 #endif

@@ -22,6 +22,12 @@ Command add_roundtrip(CLI::App& app);
 /// `kvq policies`: the registered policies with their nominal and measured bits per element.
 Command add_policies(CLI::App& app);
 
+/// `kvq eval`: perplexity of a real model with each cache policy (decode semantics).
+Command add_eval(CLI::App& app);
+
+/// `kvq generate`: greedy generation on a quantized cache, streamed.
+Command add_generate(CLI::App& app);
+
 /// `kvq demo`: the round-trip table on a generated K-like tensor with outlier channels.
 Command add_demo(CLI::App& app);
 

@@ -21,6 +21,8 @@ int main(int argc, char** argv) {
   const kvq_tool::Command roundtrip = kvq_tool::add_roundtrip(app);
   const kvq_tool::Command policies = kvq_tool::add_policies(app);
   const kvq_tool::Command demo = kvq_tool::add_demo(app);
+  const kvq_tool::Command eval = kvq_tool::add_eval(app);
+  const kvq_tool::Command generate = kvq_tool::add_generate(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -30,6 +32,8 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("roundtrip")) return roundtrip();
     if (app.got_subcommand("policies")) return policies();
     if (app.got_subcommand("demo")) return demo();
+    if (app.got_subcommand("eval")) return eval();
+    if (app.got_subcommand("generate")) return generate();
   } catch (const kvq::Error& e) {
     fmt::print(stderr, "kvq: error ({}): {}\n", kvq::status_name(e.status()), e.what());
     return 1;

@@ -43,6 +43,20 @@ void for_each_in(PolicyList<P...>, F&& f) {
 
 }  // namespace detail
 
+/// The policies `kvq eval` compares by default: the fp16 cache (the reference), KIVI at 4 and 2
+/// bits, SKVQ with ternary and 2-bit values, CSKV at 4 bits on half the channels, and the
+/// per-token baselines at 2 and 4 bits.
+inline std::vector<std::string> main_policy_names() {
+  return {"fp16",
+          "kivi-k4v4-g32-r128",
+          "kivi-k2v2-g32-r128",
+          "skvq-k2v1.5-g128-w128-s5",
+          "skvq-k2v2-g128-w128-s5",
+          "cskv-k4v4-r50-50-w32",
+          "pertoken-k2v2-g32",
+          "pertoken-k4v4-g32"};
+}
+
 /// Calls f(PolicyTag<P>{}) for every registered policy, in registry order.
 template <class F>
 void for_each_policy(F&& f) {
