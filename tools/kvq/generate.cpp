@@ -61,12 +61,12 @@ int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq:
   const auto t0 = clock::now();
   session.forward(prompt.data(), static_cast<int>(prompt.size()), logits.data(), false);
   const auto t1 = clock::now();
+  // Echo the prompt as the tokenizer decodes it (after BOS, if any, which prints as nothing).
   int previous = -1;
-  for (std::size_t i = text.empty() ? prompt.size() : prompt.size() - text.size(); i < prompt.size(); ++i) {
-    fmt::print("{}", tok.decode(previous, prompt[i]));
-    previous = prompt[i];
+  for (const int token : prompt) {
+    fmt::print("{}", tok.decode(previous, token));
+    previous = token;
   }
-  if (previous < 0) previous = prompt.back();
   std::fflush(stdout);
   int generated = 0;
   while (session.position() < total) {
