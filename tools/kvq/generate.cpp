@@ -81,6 +81,7 @@ int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq:
   }
   const auto t2 = clock::now();
   fmt::print("\n");
+  std::fflush(stdout);
   const double prefill = std::chrono::duration<double>(t1 - t0).count();
   const double decode = std::chrono::duration<double>(t2 - t1).count();
   fmt::print(stderr, "[{}: prompt {} tokens in {:.2f} s, {} generated in {:.2f} s ({:.1f} tok/s); cache {} bytes for {} "
