@@ -21,8 +21,10 @@ int main(int argc, char** argv) {
   const kvq_tool::Command roundtrip = kvq_tool::add_roundtrip(app);
   const kvq_tool::Command policies = kvq_tool::add_policies(app);
   const kvq_tool::Command demo = kvq_tool::add_demo(app);
+#if KVQ_TOOL_HAS_LLM
   const kvq_tool::Command eval = kvq_tool::add_eval(app);
   const kvq_tool::Command generate = kvq_tool::add_generate(app);
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -32,8 +34,10 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("roundtrip")) return roundtrip();
     if (app.got_subcommand("policies")) return policies();
     if (app.got_subcommand("demo")) return demo();
+#if KVQ_TOOL_HAS_LLM
     if (app.got_subcommand("eval")) return eval();
     if (app.got_subcommand("generate")) return generate();
+#endif
   } catch (const kvq::Error& e) {
     fmt::print(stderr, "kvq: error ({}): {}\n", kvq::status_name(e.status()), e.what());
     return 1;
