@@ -79,10 +79,10 @@ void rows_tile(const float* w, std::size_t w_stride, const float* x, std::size_t
 void linear_rows(const Matrix& w, const float* x, int n, int x_stride, float* y, int y_stride, int r0,
                  int r1) noexcept {
   const int in = w.cols;
-  const auto ws = static_cast<std::size_t>(in);
   const auto xs = static_cast<std::size_t>(x_stride);
   const auto ys = static_cast<std::size_t>(y_stride);
 #if KVQ_LLM_AVX2
+  const auto ws = static_cast<std::size_t>(in);
   int r = r0;
   for (; r + kTileRows <= r1; r += kTileRows) {
     rows_tile<kTileRows>(w.row(r), ws, x, xs, y + r, ys, in, n);
