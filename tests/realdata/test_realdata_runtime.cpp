@@ -25,6 +25,7 @@
 #include "llm/evaluate.hpp"
 #include "llm/llama2c.hpp"
 #include "llm/load.hpp"
+#include "llm/read_file.hpp"
 #include "llm/session.hpp"
 #include "llm/text.hpp"
 
@@ -40,11 +41,7 @@ const kvq::llm::LoadedModel& stories() {
   return m;
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw kvq::Error(kvq::Status::kIoError, "cannot open '" + path + "'");
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
+std::string read_text(const std::string& path) { return kvq::llm::read_file(path, "test data"); }
 
 /// What llama2.c's run.c prints for `steps` greedy steps from BOS: each step prints
 /// decode(token, next) (leading space dropped after BOS, <0x0A> printed as a newline).

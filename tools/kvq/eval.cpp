@@ -56,6 +56,7 @@ struct EvalOptions {
 std::vector<std::string> split_policies(const std::string& list) {
   if (list.empty()) return kvq::main_policy_names();
   if (list == "all") return kvq::policy_names();
+  const std::vector<std::string> known = kvq::policy_names();
   std::vector<std::string> names;
   std::stringstream in(list);
   std::string name;
@@ -63,7 +64,6 @@ std::vector<std::string> split_policies(const std::string& list) {
     if (name.empty()) {
       kvq::detail::throw_argument_error("kvq eval", "--policies", list, "a comma-separated list of policy names");
     }
-    const std::vector<std::string> known = kvq::policy_names();
     if (std::find(known.begin(), known.end(), name) == known.end()) {
       std::string all;
       for (const std::string& k : known) all += (all.empty() ? "" : ", ") + k;

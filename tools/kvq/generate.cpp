@@ -76,7 +76,6 @@ int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq:
     fmt::print("{}", tok.decode(previous, next));
     std::fflush(stdout);
     previous = next;
-    if (session.position() + 1 > total) break;
     session.forward(&next, 1, logits.data(), false);
   }
   const auto t2 = clock::now();

@@ -12,22 +12,10 @@
 #include "kvq/cache/quantized_kv_cache.hpp"
 #include "kvq/calib/latent_svd.hpp"
 #include "kvq/policy/policy_traits.hpp"
+#include "kvq/transform/latent.hpp"
 #include "llm/model.hpp"
 
 namespace kvq::llm {
-
-/// W [out, in] row-major (y = W x) as [in, out] row-major (y = x · Wᵀ), the layout of
-/// kvq::latent_factors_from_weights.
-inline std::vector<float> transposed(const Matrix& w) {
-  std::vector<float> t(w.data.size());
-  for (int o = 0; o < w.rows; ++o) {
-    for (int i = 0; i < w.cols; ++i) {
-      t[static_cast<std::size_t>(i) * static_cast<std::size_t>(w.rows) + static_cast<std::size_t>(o)] =
-          w.data[static_cast<std::size_t>(o) * static_cast<std::size_t>(w.cols) + static_cast<std::size_t>(i)];
-    }
-  }
-  return t;
-}
 
 template <class Policy>
 kvq::CacheCalibration calibration_for(const Model& model) {
@@ -38,8 +26,9 @@ kvq::CacheCalibration calibration_for(const Model& model) {
     const kvq::index_t key_rank = c.num_kv_heads * kvq::latent_head_rank(c.head_dim, L::key_percent);
     const kvq::index_t value_rank = c.num_kv_heads * kvq::latent_head_rank(c.head_dim, L::value_percent);
     for (const LayerWeights& w : model.layers) {
-      const std::vector<float> wk = transposed(w.wk);
-      const std::vector<float> wv = transposed(w.wv);
+      // W [out, in] (y = W x) as [in, out] (y = x · Wᵀ), the layout latent_factors_from_weights takes.
+      const std::vector<float> wk = kvq::detail::transpose(w.wk.data, w.wk.rows, w.wk.cols);
+      const std::vector<float> wv = kvq::detail::transpose(w.wv.data, w.wv.rows, w.wv.cols);
       calibration.latent.push_back(
           kvq::latent_factors_from_weights(wk.data(), wv.data(), c.dim, c.kv_dim(), key_rank, value_rank));
     }

@@ -7,22 +7,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <string>
 
 #include "kvq/core/error.hpp"
+#include "llm/read_file.hpp"
 
 namespace kvq::llm {
 namespace {
-
-std::vector<char> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw kvq::Error(kvq::Status::kIoError, "llama2.c: cannot open '" + path + "'");
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) throw kvq::Error(kvq::Status::kIoError, "llama2.c: cannot read '" + path + "'");
-  return bytes;
-}
 
 [[noreturn]] void format_error(const std::string& message) {
   throw kvq::Error(kvq::Status::kFormatError, "llama2.c: " + message);
@@ -57,7 +48,7 @@ void check_finite(const std::vector<float>& v, const std::string& path, const ch
 }  // namespace
 
 Model load_llama2c(const std::string& path) {
-  const std::vector<char> bytes = read_file(path);
+  const std::string bytes = read_file(path, "llama2.c checkpoint");
   std::int32_t h[7];
   if (bytes.size() < sizeof(h)) {
     format_error("'" + path + "' has " + std::to_string(bytes.size()) +
@@ -143,7 +134,7 @@ Model load_llama2c(const std::string& path) {
 }
 
 Llama2cTokenizer Llama2cTokenizer::load(const std::string& path, int vocab_size) {
-  const std::vector<char> bytes = read_file(path);
+  const std::string bytes = read_file(path, "llama2.c tokenizer");
   Llama2cTokenizer t;
   std::size_t at = 0;
   auto need = [&](std::size_t n, const std::string& what) {

@@ -1,18 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "llm/text.hpp"
 
-#include <fstream>
-#include <iterator>
-
-#include "kvq/core/error.hpp"
+#include "llm/read_file.hpp"
 
 namespace kvq::llm {
 
 std::vector<int> leading_tokens(const Tokenizer& tokenizer, const std::string& path, int tokens) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw kvq::Error(kvq::Status::kIoError, "cannot open text file '" + path + "'");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) throw kvq::Error(kvq::Status::kIoError, "cannot read text file '" + path + "'");
+  const std::string text = read_file(path, "text file");
   constexpr std::size_t kUnsafeTail = 64;  // tokens near a cut that a longer prefix may merge differently
   for (std::size_t bytes = static_cast<std::size_t>(tokens) * 6 + 4096; bytes < text.size(); bytes *= 2) {
     const std::size_t cut = text.rfind('\n', bytes);
