@@ -129,14 +129,7 @@ std::unique_ptr<kvq::QuantizedKVCache<Policy>> make_cache(kvq::index_t tokens, k
   cfg.num_kv_heads = kKvHeads;
   cfg.head_dim = kHeadDim;
   cfg.num_blocks = Cache::blocks_for_tokens(1, tokens);
-  kvq::CacheCalibration calibration;
-  if constexpr (kvq::policy_traits<Policy>::latent) {
-    using L = typename Policy::Latent;
-    calibration.latent.push_back(kvq::random_orthonormal_factors(
-        kKvHeads * kHeadDim, kKvHeads * kvq::latent_head_rank(kHeadDim, L::key_percent),
-        kKvHeads * kvq::latent_head_rank(kHeadDim, L::value_percent), 11));
-  }
-  auto cache = std::make_unique<Cache>(cfg, std::move(calibration));
+  auto cache = std::make_unique<Cache>(cfg, kvq::random_latent_calibration<Policy>(cfg, 11));
   const kvq::SequenceId seq = cache->add_sequence();
   if (prefill == 0) return cache;
   const Data& d = data(prefill);

@@ -43,8 +43,8 @@ kvq::ThreadPool& two_threads() {
 
 /// Random SKVQ channel groups of a row of `width`: a random permutation and `count` groups of
 /// random sizes.
-kvq::ChannelGroupsData random_groups(kvq::Rng& rng, index_t width, index_t count) {
-  kvq::ChannelGroupsData g;
+kvq::StreamCalibration random_groups(kvq::Rng& rng, index_t width, index_t count) {
+  kvq::StreamCalibration g;
   for (index_t c = 0; c < width; ++c) g.permutation.push_back(static_cast<std::int32_t>(c));
   for (index_t c = width - 1; c > 0; --c) {
     std::swap(g.permutation[static_cast<std::size_t>(c)], g.permutation[rng.below(static_cast<std::uint32_t>(c + 1))]);
@@ -86,19 +86,16 @@ void attention_case(const char* label, std::uint64_t index, Shape shape, kvq::Ro
   cfg.head_dim = dim;
   cfg.num_blocks = kvq::QuantizedKVCache<P>::blocks_for_tokens(layers, total, nseq);
   cfg.rope = rope;
-  kvq::CacheCalibration cal;
-  if constexpr (kvq::policy_traits<P>::latent) {
-    for (index_t l = 0; l < layers; ++l) {
-      cal.latent.push_back(kvq::random_orthonormal_factors(w, kvq_test::Expect<P>::key_rank(hkv, dim),
-                                                           kvq_test::Expect<P>::value_rank(hkv, dim), seed + 11 * static_cast<std::uint64_t>(l)));
-    }
-  }
+  kvq::CacheCalibration cal = kvq::random_latent_calibration<P>(cfg, seed + 11);
   if (calibrated_groups) {
+    // Random permutations, group sizes and clip ratios; one more group than round(w / G).
     const index_t group = kvq_test::Expect<P>::group;
-    const index_t count = std::max<index_t>(1, (w + group / 2) / group);
+    const index_t count = std::max<index_t>(1, (w + group / 2) / group) + 1;
     for (index_t l = 0; l < layers; ++l) {
-      cal.key_groups.push_back(random_groups(rng, w, count));
-      cal.value_groups.push_back(random_groups(rng, w, count));
+      cal.keys.push_back(random_groups(rng, w, count));
+      cal.values.push_back(random_groups(rng, w, count));
+      cal.keys.back().clip = 0.8f + 0.2f * static_cast<float>(rng.uniform());
+      cal.values.back().clip = 0.8f + 0.2f * static_cast<float>(rng.uniform());
     }
   }
   kvq::QuantizedKVCache<P> cache(cfg, std::move(cal));

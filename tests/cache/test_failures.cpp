@@ -363,68 +363,92 @@ TEST_CASE("SKVQ: values whose groups overflow FP8 metadata are rejected by the a
   for (int i = 0; i < 10; ++i) t.valid_append(s, 0, 1);
 }
 
-TEST_CASE("SKVQ channel groups: wrong group count, bad permutation or boundaries, wrong layer count -> kvq::Error",
+TEST_CASE("SKVQ channel groups: mixed group counts, bad permutation or boundaries, wrong layer count, bad clip -> kvq::Error",
           "[cache][errors][calibration]") {
-  using P = SkvqSmall;  // G = 8: width 32 has 4 groups
+  using P = SkvqSmall;  // G = 8: width 32 has 4 groups without calibration
   kvq::CacheConfig cfg;
   cfg.num_layers = 2;
   cfg.num_kv_heads = 2;
   cfg.head_dim = 16;
   cfg.num_blocks = 8;
-  kvq::ChannelGroupsData good;
+  kvq::StreamCalibration good;
   for (int c = 0; c < 32; ++c) good.permutation.push_back(31 - c);
   good.boundaries = {0, 5, 16, 20, 32};
-  auto with = [&](std::vector<kvq::ChannelGroupsData> keys, std::vector<kvq::ChannelGroupsData> values) {
+  auto with = [&](std::vector<kvq::StreamCalibration> keys, std::vector<kvq::StreamCalibration> values) {
     kvq::CacheCalibration cal;
-    cal.key_groups = std::move(keys);
-    cal.value_groups = std::move(values);
+    cal.keys = std::move(keys);
+    cal.values = std::move(values);
     return cal;
   };
   const char* Q = "kvq::QuantizedKVCache";
-  // Valid: per layer, or empty entries (identity) mixed in.
-  REQUIRE_NOTHROW(kvq::QuantizedKVCache<P>(cfg, with({good, good}, {good, kvq::ChannelGroupsData{}})));
-  // Wrong group count (3 or 5 groups where the layout has 4).
+  // Valid: per layer, or empty entries (identity, equal groups of the same count) mixed in.
+  REQUIRE_NOTHROW(kvq::QuantizedKVCache<P>(cfg, with({good, good}, {good, kvq::StreamCalibration{}})));
+  // The group count comes from the calibration (here 3 and 5 groups in every layer) ...
   auto three = good;
   three.boundaries = {0, 10, 20, 32};
-  require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({good, three}, {})}; }, Status::kInvalidArgument,
-                {Q, "argument 'calibration.key_groups'", "layer 1", "3 groups", "4 groups"});
   auto five = good;
   five.boundaries = {0, 4, 8, 16, 24, 32};
+  {
+    kvq::QuantizedKVCache<P> c3(cfg, with({three, kvq::StreamCalibration{}}, {five, five}));
+    REQUIRE(c3.key_layout().matrix.groups_per_line == 3);
+    REQUIRE(c3.value_layout().matrix.groups_per_line == 5);
+    REQUIRE(c3.key_transform(1).groups.boundaries.size() == 4);  // layer 1: 3 equal groups
+  }
+  // ... but is one per stream: layers that disagree are rejected.
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({good, three}, {})}; }, Status::kInvalidArgument,
+                {Q, "argument 'calibration.keys'", "layer 1", "3 groups", "4 groups (layer 0"});
   require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({}, {five, good})}; }, Status::kInvalidArgument,
-                {Q, "argument 'calibration.value_groups'", "layer 0", "5 groups"});
+                {Q, "argument 'calibration.values'", "layer 1", "4 groups", "5 groups"});
   // A permutation with a repeated channel, a short one, one out of range.
   auto repeated = good;
   repeated.permutation[7] = repeated.permutation[3];
   require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({repeated, good}, {})}; }, Status::kInvalidArgument,
-                {Q, "argument 'calibration.key_groups'", "layer 0", "permutation", "bijection"});
+                {Q, "argument 'calibration.keys'", "layer 0", "permutation", "bijection"});
   auto shorter = good;
   shorter.permutation.pop_back();
   require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({good, shorter}, {})}; }, Status::kInvalidArgument,
-                {Q, "calibration.key_groups", "layer 1", "permutation"});
+                {Q, "calibration.keys", "layer 1", "permutation"});
   auto outside = good;
   outside.permutation[0] = 32;
   require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({}, {good, outside})}; }, Status::kInvalidArgument,
-                {Q, "calibration.value_groups", "permutation"});
-  // Boundaries: not ending at the width, not increasing.
+                {Q, "calibration.values", "permutation"});
+  // Boundaries: not ending at the width, not increasing, or given without a permutation.
   auto open_end = good;
   open_end.boundaries = {0, 5, 16, 20, 31};
   require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({open_end, good}, {})}; }, Status::kInvalidArgument,
-                {Q, "calibration.key_groups", "boundaries"});
+                {Q, "calibration.keys", "boundaries"});
   auto unsorted = good;
   unsorted.boundaries = {0, 16, 5, 20, 32};
   require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({unsorted, good}, {})}; }, Status::kInvalidArgument,
-                {Q, "calibration.key_groups", "boundaries"});
+                {Q, "calibration.keys", "boundaries"});
+  auto no_permutation = good;
+  no_permutation.permutation.clear();
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({no_permutation, good}, {})}; }, Status::kInvalidArgument,
+                {Q, "calibration.keys", "layer 0", "permutation"});
   // Wrong number of layers.
   require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({good}, {})}; }, Status::kInvalidArgument,
-                {Q, "calibration.key_groups", "1 layers", "one per layer (2)"});
-  // Channel groups given to policies that do not reorder channels.
+                {Q, "calibration.keys", "1 layers", "one per layer (2)"});
+  // Clip ratios outside (0, 1].
+  for (float bad : {-0.5f, 1.5f, kNaN}) {
+    auto clipped = good;
+    clipped.clip = bad;
+    CAPTURE(bad);
+    require_error([&] { kvq::QuantizedKVCache<P>{cfg, with({good, clipped}, {})}; }, Status::kInvalidArgument,
+                  {Q, "calibration.keys", "layer 1", "clip", "(0, 1]"});
+  }
+  // Channel groups given to policies that do not reorder channels; a clip ratio for exact rows.
   kvq::CacheCalibration cal = with({good, good}, {});
   require_error([&] { kvq::QuantizedKVCache<KiviSmall>{cfg, cal}; }, Status::kInvalidArgument,
-                {Q, "calibration.key_groups", "does not reorder"});
+                {Q, "calibration.keys", "do not reorder"});
   require_error([&] { kvq::QuantizedKVCache<Fp16>{cfg, cal}; }, Status::kInvalidArgument,
-                {Q, "calibration.key_groups", "stored exactly"});
+                {Q, "calibration.keys", "do not reorder"});
   require_error([&] { kvq::QuantizedKVCache<PerTokenSmall>{cfg, with({}, {good, good})}; }, Status::kInvalidArgument,
-                {Q, "calibration.value_groups"});
+                {Q, "calibration.values"});
+  kvq::StreamCalibration clip_only;
+  clip_only.clip = 0.9f;
+  require_error([&] { kvq::QuantizedKVCache<Fp16>{cfg, with({clip_only, clip_only}, {})}; }, Status::kInvalidArgument,
+                {Q, "calibration.keys", "clip", "stored exactly"});
+  REQUIRE_NOTHROW(kvq::QuantizedKVCache<KiviSmall>(cfg, with({clip_only, clip_only}, {clip_only, clip_only})));
 }
 
 TEST_CASE("CSKV factors: missing, wrong shapes or non-finite -> kvq::Error; factors for a non-latent policy too",
@@ -438,44 +462,51 @@ TEST_CASE("CSKV factors: missing, wrong shapes or non-finite -> kvq::Error; fact
   const index_t kr = Expect<P>::key_rank(2, 16), vr = Expect<P>::value_rank(2, 16);
   REQUIRE(kr == 16);
   REQUIRE(vr == 24);
-  auto factors = [&](index_t width, index_t key_rank, index_t value_rank) {
-    return kvq::random_orthonormal_factors(width, key_rank, value_rank, 3);
+  auto layer = [](index_t width, index_t rank) {
+    kvq::StreamCalibration s;
+    s.latent = kvq::random_orthonormal_factor(width, rank, 3);
+    return s;
   };
-  auto cal_of = [](std::vector<kvq::LatentFactors> f) {
+  auto cal_of = [](std::vector<kvq::StreamCalibration> keys, std::vector<kvq::StreamCalibration> values) {
     kvq::CacheCalibration c;
-    c.latent = std::move(f);
+    c.keys = std::move(keys);
+    c.values = std::move(values);
     return c;
   };
+  const auto k = layer(32, kr), v = layer(32, vr);
   const char* Q = "kvq::QuantizedKVCache";
-  REQUIRE_NOTHROW(kvq::QuantizedKVCache<P>(cfg, cal_of({factors(32, kr, vr), factors(32, kr, vr)})));
+  REQUIRE_NOTHROW(kvq::QuantizedKVCache<P>(cfg, cal_of({k, k}, {v, v})));
   require_error([&] { kvq::QuantizedKVCache<P>{cfg}; }, Status::kInvalidArgument,
-                {Q, "argument 'calibration.latent'", "0 layers", "each of the 2 layers"});
-  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({factors(32, kr, vr)})}; }, Status::kInvalidArgument,
-                {Q, "calibration.latent", "1 layers"});
-  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({factors(32, kr, vr), factors(30, kr, vr)})}; },
-                Status::kInvalidArgument, {Q, "calibration.latent", "layer 1", "width 30"});
-  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({factors(32, kr + 2, vr), factors(32, kr, vr)})}; },
-                Status::kInvalidArgument, {Q, "calibration.latent", "layer 0", "ranks 18/24"});
-  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({factors(32, kr, vr - 1), factors(32, kr, vr)})}; },
-                Status::kInvalidArgument, {Q, "calibration.latent", "ranks 16/23"});
-  auto truncated = factors(32, kr, vr);
-  truncated.key_up.pop_back();
-  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({factors(32, kr, vr), truncated})}; }, Status::kInvalidArgument,
-                {Q, "calibration.latent", "layer 1", "matrices"});
-  auto nan = factors(32, kr, vr);
-  nan.value_down[17] = kNaN;
-  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({nan, factors(32, kr, vr)})}; }, Status::kNonFiniteInput,
-                {Q, "calibration.latent", "layer 0", "finite"});
+                {Q, "argument 'calibration.keys'", "layer 0", "rank 0", "each of the 2 layers", "rank 16"});
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({k}, {v, v})}; }, Status::kInvalidArgument,
+                {Q, "calibration.keys", "1 layers"});
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({k, k}, {v, layer(30, vr)})}; }, Status::kInvalidArgument,
+                {Q, "calibration.values", "layer 1", "width 30"});
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({layer(32, kr + 2), k}, {v, v})}; }, Status::kInvalidArgument,
+                {Q, "calibration.keys", "layer 0", "rank 18", "rank 16"});
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({k, k}, {layer(32, vr - 1), v})}; }, Status::kInvalidArgument,
+                {Q, "calibration.values", "rank 23", "rank 24"});
+  auto truncated = k;
+  truncated.latent.up.pop_back();
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({k, truncated}, {v, v})}; }, Status::kInvalidArgument,
+                {Q, "calibration.keys", "layer 1", "floats"});
+  auto nan = v;
+  nan.latent.down[17] = kNaN;
+  require_error([&] { kvq::QuantizedKVCache<P>{cfg, cal_of({k, k}, {nan, v})}; }, Status::kNonFiniteInput,
+                {Q, "calibration.values", "layer 0", "finite"});
+  // Fp16 latents (CskvFp16Policy) need factors just the same.
+  require_error([&] { kvq::QuantizedKVCache<CskvFp16Small>{cfg}; }, Status::kInvalidArgument,
+                {Q, "calibration.keys", "latent factors"});
   // Factors given to a policy without a latent projection.
-  require_error([&] { kvq::QuantizedKVCache<KiviSmall>{cfg, cal_of({factors(32, kr, vr), factors(32, kr, vr)})}; },
-                Status::kInvalidArgument, {Q, "calibration.latent", "not a latent"});
-  // random_orthonormal_factors validates its ranks.
-  require_error([&] { (void)kvq::random_orthonormal_factors(32, 33, 4, 1); }, Status::kInvalidArgument,
-                {"random_orthonormal_factors", "argument 'key_rank'"});
-  require_error([&] { (void)kvq::random_orthonormal_factors(32, 4, 0, 1); }, Status::kInvalidArgument,
-                {"random_orthonormal_factors", "argument 'value_rank'"});
-  require_error([&] { (void)kvq::random_orthonormal_factors(0, 4, 4, 1); }, Status::kInvalidArgument,
-                {"random_orthonormal_factors", "argument 'width'"});
+  require_error([&] { kvq::QuantizedKVCache<KiviSmall>{cfg, cal_of({k, k}, {})}; }, Status::kInvalidArgument,
+                {Q, "calibration.keys", "not a latent"});
+  // random_orthonormal_factor validates its rank.
+  require_error([&] { (void)kvq::random_orthonormal_factor(32, 33, 1); }, Status::kInvalidArgument,
+                {"random_orthonormal_factor", "argument 'rank'"});
+  require_error([&] { (void)kvq::random_orthonormal_factor(32, 0, 1); }, Status::kInvalidArgument,
+                {"random_orthonormal_factor", "argument 'rank'"});
+  require_error([&] { (void)kvq::random_orthonormal_factor(0, 4, 1); }, Status::kInvalidArgument,
+                {"random_orthonormal_factor", "argument 'width'"});
 }
 
 TEST_CASE("cache configuration errors name the field", "[cache][errors]") {

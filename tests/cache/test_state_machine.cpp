@@ -35,9 +35,9 @@ using SkvqNoSinks = kvq::SkvqPolicy<Bits::k8, Bits::k3, 16, 5, 0, 960, MetaForma
 
 /// Equal channel groups as policy/skvq.hpp documents them for a row that G does not divide:
 /// max(1, round(width / G)) groups in identity order, sizes differing by at most one.
-kvq::ChannelGroupsData equal_groups(index_t width, index_t group) {
+kvq::StreamCalibration equal_groups(index_t width, index_t group) {
   const index_t count = std::max<index_t>(1, (width + group / 2) / group);
-  kvq::ChannelGroupsData d;
+  kvq::StreamCalibration d;
   for (index_t c = 0; c < width; ++c) d.permutation.push_back(static_cast<std::int32_t>(c));
   for (index_t g = 0; g <= count; ++g) d.boundaries.push_back(static_cast<std::int32_t>(g * width / count));
   return d;
@@ -62,7 +62,7 @@ struct RefStream {
   bool is_key = true;
   StreamModel model;
   StreamExpect expect;
-  kvq::ChannelGroupsData groups;     // SKVQ groups the reference quantizes with (empty: uniform)
+  kvq::StreamCalibration groups;     // SKVQ groups (and clip) the reference quantizes with (empty: uniform)
   std::vector<float> bias;
   std::vector<float> input;          // [length, W] every appended row, rounded to exact_type
   std::vector<float> expected;       // [length, W] non-latent: what quantized rows must read back
@@ -86,10 +86,10 @@ class Walk {
         s.is_key = k == 0;
         s.model = s.is_key ? X::key_model() : X::value_model();
         s.expect = s.is_key ? X::key_stream(heads, dim) : X::value_stream(heads, dim);
-        const auto& given = s.is_key ? cal.key_groups : cal.value_groups;
-        if (!given.empty() && !given[static_cast<std::size_t>(l)].empty()) {
+        const auto& given = s.is_key ? cal.keys : cal.values;
+        if (!given.empty() && given[static_cast<std::size_t>(l)].has_groups()) {
           s.groups = given[static_cast<std::size_t>(l)];
-        } else if (s.expect.reorderable && width_ % s.expect.spec.group_size != 0) {
+        } else if (s.expect.reorders && width_ % s.expect.spec.group_size != 0) {
           s.groups = equal_groups(width_, s.expect.spec.group_size);
         }
         s.bias = kvq_test::make_bias(rng_, width_);
@@ -128,12 +128,7 @@ class Walk {
     cfg.num_kv_heads = heads;
     cfg.head_dim = dim;
     cfg.num_blocks = layers * 64;
-    if constexpr (latent) {
-      for (index_t l = 0; l < layers; ++l) {
-        cal.latent.push_back(kvq::random_orthonormal_factors(heads * dim, X::key_rank(heads, dim), X::value_rank(heads, dim),
-                                                             77 + static_cast<std::uint64_t>(l)));
-      }
-    }
+    if constexpr (latent) cal = kvq::random_latent_calibration<P>(cfg, 77);
     return kvq::QuantizedKVCache<P>(cfg, std::move(cal));
   }
 
@@ -149,9 +144,9 @@ class Walk {
     s.expected.resize(s.input.size());
     s.model.append(n);
     if constexpr (latent) {
-      const kvq::LatentFactors& f = cache_.latent_factors(layer_of(s));
-      const index_t rank = s.is_key ? f.key_rank : f.value_rank;
-      const std::vector<float>& down = s.is_key ? f.key_down : f.value_down;
+      const kvq::StreamTransform f = s.is_key ? cache_.key_transform(layer_of(s)) : cache_.value_transform(layer_of(s));
+      const index_t rank = f.stored_width;
+      const float* down = f.down;
       for (index_t t = s.model.length - n; t < s.model.length; ++t) {
         for (index_t j = 0; j < rank; ++j) {
           double acc = 0;
@@ -180,8 +175,9 @@ class Walk {
           REQUIRE(s.referenced % spec.group_size == 0);
           REQUIRE(count % spec.group_size == 0);
         }
-        spec.channel_groups = s.groups.view();
+        spec.channel_groups = s.groups.groups();
         if (spec.channel_groups.permutation.empty()) spec.channel_groups = {};
+        if (s.groups.clip > 0.0f) spec.clip = s.groups.clip;
         y = round_trip(spec, x, count, width_);
       }
       std::copy(y.begin(), y.end(), s.expected.begin() + first * width_);
@@ -243,9 +239,9 @@ class Walk {
   /// CSKV: the stored latent of every quantized row is within half a step of c = x·A (step from
   /// the group's min/max, computed here in double), and the row read back is c_stored·B.
   void check_latent(index_t l, const RefStream& s, const std::vector<float>& out) {
-    const kvq::LatentFactors& f = cache_.latent_factors(l);
-    const index_t rank = s.is_key ? f.key_rank : f.value_rank;
-    const std::vector<float>& up = s.is_key ? f.key_up : f.value_up;
+    const kvq::StreamTransform f = s.is_key ? cache_.key_transform(l) : cache_.value_transform(l);
+    const index_t rank = f.stored_width;
+    const float* up = f.up;
     const index_t q = s.model.quantized;
     if (q == 0) return;
     // Stored latents through the view, block run by block run.
@@ -368,7 +364,7 @@ void walk_policy(index_t layers, index_t heads, index_t dim, const char* label, 
 
 TEMPLATE_TEST_CASE("state machine, small parameters: counts, segments, contents and memory after every append",
                    "[cache][state]", KiviSmall, KiviSmall34, SkvqSmall, SkvqNoWindow, SkvqNoSinks, CskvSmall,
-                   PerTokenSmall, Fp16, Bf16, Fp32) {
+                   CskvFp16Small, PerTokenSmall, Fp16, Bf16, Fp32) {
   walk_policy<TestType>(2, 2, 16, "state machine small", true);
 }
 
@@ -385,8 +381,9 @@ TEST_CASE("state machine, SKVQ with calibrated channel groups and with a row tha
   kvq::Rng rng(seed);
   kvq::CacheCalibration cal;
   for (int l = 0; l < 2; ++l) {
-    for (auto* list : {&cal.key_groups, &cal.value_groups}) {
-      kvq::ChannelGroupsData g;
+    for (auto* list : {&cal.keys, &cal.values}) {
+      kvq::StreamCalibration g;
+      g.clip = l == 0 ? 0.85f : 1.0f;  // a calibrated clip ratio per layer
       for (int c = 0; c < 32; ++c) g.permutation.push_back(c);
       for (int c = 31; c > 0; --c) std::swap(g.permutation[static_cast<std::size_t>(c)], g.permutation[rng.below(static_cast<std::uint32_t>(c + 1))]);
       g.boundaries = {0, 3 + static_cast<std::int32_t>(rng.below(5)), 16, 27 + static_cast<std::int32_t>(rng.below(3)), 32};

@@ -10,7 +10,6 @@ struct CutGroups {
   using ValueStream = kvq::QuantizedStream<kvq::Bits::k4, kvq::GroupAxis::kChannels, 32>;
   using KeyWindow = kvq::WindowSpec<0, 31, 32, kvq::FlushTiming::kBeforeAttention>;
   using ValueWindow = KeyWindow;
-  using Latent = kvq::NoLatent;
   using exact_type = kvq::Float16;
 #ifdef KVQ_SHOULD_FAIL_TO_BUILD
   static constexpr int block_tokens = 48;

@@ -15,7 +15,6 @@ struct PerChannelValues {
 #endif
   using KeyWindow = kvq::WindowSpec<0, 127, 128, kvq::FlushTiming::kAfterAttention>;
   using ValueWindow = kvq::WindowSpec<0, 127, 128, kvq::FlushTiming::kAfterAttention>;
-  using Latent = kvq::NoLatent;
   using exact_type = kvq::Float16;
   static constexpr int block_tokens = 128;
   static constexpr bool pre_rope = false;

@@ -4,9 +4,11 @@
 #include "kvq/policy/spec.hpp"
 
 #ifdef KVQ_SHOULD_FAIL_TO_BUILD
-using Stream = kvq::QuantizedStream<kvq::Bits::k2, kvq::GroupAxis::kTokens, 32, kvq::MetaFormat::kFp16, 1000, true>;
+using Stream = kvq::QuantizedStream<kvq::Bits::k2, kvq::GroupAxis::kTokens, 32, kvq::MetaFormat::kFp16, 1000,
+                                    kvq::ChannelReorder>;
 #else
-using Stream = kvq::QuantizedStream<kvq::Bits::k2, kvq::GroupAxis::kChannels, 32, kvq::MetaFormat::kFp16, 1000, true>;
+using Stream = kvq::QuantizedStream<kvq::Bits::k2, kvq::GroupAxis::kChannels, 32, kvq::MetaFormat::kFp16, 1000,
+                                    kvq::ChannelReorder>;
 #endif
 
-int main() { return Stream::reorderable ? 0 : 1; }
+int main() { return Stream::transform::kind == kvq::TransformKind::kChannelReorder ? 0 : 1; }

@@ -26,8 +26,9 @@ using SkvqVariant = kvq::SkvqPolicy<Bits::k8, Bits::k3, 16, 5, 0, 960, MetaForma
 
 // The registry is exactly the issue's list of compiled-in policies, in order.
 static_assert(std::is_same_v<kvq::RegisteredPolicies,
-                             kvq::PolicyList<Fp16, Bf16, Fp32, KiviK2, KiviK4, SkvqK2V15, SkvqK2V2, CskvK4V4, CskvK2V4,
-                                             PerTokenK2, PerTokenK4>>,
+                             kvq::PolicyList<Fp16, Bf16, Fp32, KiviK2, KiviK4, SkvqK2V15, SkvqK2V2, SkvqK2V15G32,
+                                             SkvqK2V2G32, CskvK4V4, CskvK2V4, CskvK4V4R25, CskvK4V4R10, CskvFp16R25,
+                                             CskvFp16R10, PerTokenK2, PerTokenK4>>,
               "registry changed: update this test and the README's policy table");
 
 // policy_traits / is_kv_policy.
@@ -52,7 +53,7 @@ void require_stream(const kvq_test::StreamExpect& want, index_t heads, index_t d
     REQUIRE(group == want.spec.group_size);
     REQUIRE(S::clip == want.spec.clip);
     REQUIRE(S::meta == want.spec.meta);
-    REQUIRE(S::reorderable == want.reorderable);
+    REQUIRE((S::transform::kind == kvq::TransformKind::kChannelReorder) == want.reorders);
     (void)heads;
     (void)dim;
   } else {
@@ -115,6 +116,10 @@ TEST_CASE("every policy type stores what ALGORITHMS.md describes", "[policy]") {
   require_policy_matches_algorithms<KiviSmall34>();
   require_policy_matches_algorithms<SkvqVariant>();
   require_policy_matches_algorithms<CskvSmall>();
+  require_policy_matches_algorithms<CskvFp16Small>();
+  require_policy_matches_algorithms<SkvqK2V15G32>();
+  require_policy_matches_algorithms<CskvK4V4R10>();
+  require_policy_matches_algorithms<CskvFp16R25>();
 }
 
 TEST_CASE("published defaults are the policies' defaults", "[policy]") {
@@ -144,6 +149,7 @@ TEST_CASE("policy names", "[policy]") {
   REQUIRE(kvq::SkvqPolicy<Bits::k2, Bits::k2, 32, 16, 2, 920, MetaFormat::kFp16>::name() == "skvq-k2v2-g32-w16-s2-fp16");
   REQUIRE(KiviSmall34::name() == "kivi-k3v4-g4-r12");
   REQUIRE(CskvSmall::name() == "cskv-k4v2-r50-75-w4");
+  REQUIRE(CskvFp16Small::name() == "cskv-fp16-r50-25-w4");
   REQUIRE(kvq::PerTokenPolicy<Bits::k8, Bits::kTernary, 16>::name() == "pertoken-k8v1.5-g16");
 }
 
@@ -155,8 +161,14 @@ TEST_CASE("the registry lists, finds and rejects policies by name", "[policy][re
                                          "kivi-k4v4-g32-r128",
                                          "skvq-k2v1.5-g128-w128-s5",
                                          "skvq-k2v2-g128-w128-s5",
+                                         "skvq-k2v1.5-g32-w128-s5",
+                                         "skvq-k2v2-g32-w128-s5",
                                          "cskv-k4v4-r50-50-w32",
                                          "cskv-k2v4-r25-75-w32",
+                                         "cskv-k4v4-r25-75-w32",
+                                         "cskv-k4v4-r10-30-w32",
+                                         "cskv-fp16-r25-75-w32",
+                                         "cskv-fp16-r10-30-w32",
                                          "pertoken-k2v2-g32",
                                          "pertoken-k4v4-g32"};
   REQUIRE(kvq::policy_names() == want);

@@ -208,9 +208,9 @@ class StreamBounds {
     if (z.empty()) {
       const std::vector<float>& r = rounded_[static_cast<std::size_t>(t)];
       if constexpr (kvq::policy_traits<Policy>::latent) {
-        const kvq::LatentFactors& f = cache_.latent_factors(layer_);
-        const index_t rank = is_key_ ? f.key_rank : f.value_rank;
-        const std::vector<float>& a = is_key_ ? f.key_down : f.value_down;
+        const kvq::StreamTransform f = is_key_ ? cache_.key_transform(layer_) : cache_.value_transform(layer_);
+        const index_t rank = f.stored_width;
+        const float* a = f.down;
         z.assign(static_cast<std::size_t>(rank), 0.0);
         magnitude_.resize(z_.size());
         std::vector<double>& m = magnitude_[static_cast<std::size_t>(t)];
@@ -247,31 +247,31 @@ class StreamBounds {
 
   void quantized_row(const kvq::StreamView<E>& v, index_t t) {
     const kvq::StreamLayout& l = *v.layout;
-    if (!l.quantized) return;  // blocks of exact rows (Fp16Policy): stored as r, like sinks and windows
+    if (!l.quantized && !v.transform.projects()) return;  // exact rows (Fp16Policy): stored as r, like sinks and windows
     const index_t rank = l.width;
     const index_t q = t - v.sink_count();
     const index_t row = q % l.block_tokens;
-    const double clip = l.spec.clip;
+    const double clip = v.transform.clip;
     const std::vector<double> z = z_row(t);
     std::vector<double> dz(static_cast<std::size_t>(rank));
     std::vector<index_t> members;
-    for (index_t i = 0; i < rank; ++i) {
+    for (index_t i = 0; l.quantized && i < rank; ++i) {
       std::vector<double> values;
       index_t index = 0;
       if (l.spec.axis == kvq::GroupAxis::kChannels) {  // per-token groups of channels
         index_t g = 0, begin = 0, length = l.spec.group_size;
-        if (v.groups.empty()) {
+        if (v.transform.groups.empty()) {
           g = i / l.spec.group_size;
           begin = g * length;
         } else {
           index_t slot = 0;
-          while (v.groups.permutation[static_cast<std::size_t>(slot)] != i) ++slot;
-          while (v.groups.boundaries[static_cast<std::size_t>(g) + 1] <= slot) ++g;
-          begin = v.groups.boundaries[static_cast<std::size_t>(g)];
-          length = v.groups.boundaries[static_cast<std::size_t>(g) + 1] - begin;
+          while (v.transform.groups.permutation[static_cast<std::size_t>(slot)] != i) ++slot;
+          while (v.transform.groups.boundaries[static_cast<std::size_t>(g) + 1] <= slot) ++g;
+          begin = v.transform.groups.boundaries[static_cast<std::size_t>(g)];
+          length = v.transform.groups.boundaries[static_cast<std::size_t>(g) + 1] - begin;
         }
         for (index_t s = begin; s < begin + length; ++s) {
-          const index_t c = v.groups.empty() ? s : v.groups.permutation[static_cast<std::size_t>(s)];
+          const index_t c = v.transform.groups.empty() ? s : v.transform.groups.permutation[static_cast<std::size_t>(s)];
           values.push_back(z[static_cast<std::size_t>(c)]);
         }
         index = row * l.matrix.groups_per_line + g;
@@ -293,11 +293,20 @@ class StreamBounds {
       }
       dz[static_cast<std::size_t>(i)] = stored_scale(v, q, index) / 2 + outside + allowance;
     }
+    if (!l.quantized) {
+      // Latents stored exactly (CskvFp16Policy): rounding to fp16 moves z_i by at most half an
+      // ulp, 2^-11 |z_i| (2^-25 below fp16's normal range).
+      for (index_t i = 0; i < rank; ++i) {
+        const double zi = std::abs(z[static_cast<std::size_t>(i)]);
+        dz[static_cast<std::size_t>(i)] = std::max(zi * std::ldexp(1.0, -11), std::ldexp(1.0, -25)) +
+                                          kAllowance * (zi + magnitude_[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)]);
+      }
+    }
     std::vector<double>& d = delta_[static_cast<std::size_t>(t)];
     const std::vector<float>& x = inputs_[static_cast<std::size_t>(t)];
     if constexpr (kvq::policy_traits<Policy>::latent) {
-      const kvq::LatentFactors& f = cache_.latent_factors(layer_);
-      const std::vector<float>& b = is_key_ ? f.key_up : f.value_up;
+      const kvq::StreamTransform f = is_key_ ? cache_.key_transform(layer_) : cache_.value_transform(layer_);
+      const float* b = f.up;
       for (index_t c = 0; c < f.width; ++c) {
         double spread = 0, rec = 0, mag = 0;
         for (index_t i = 0; i < rank; ++i) {
@@ -362,7 +371,7 @@ PolicyRow policy_row(const RealData& d, kvq::ThreadPool& pool) {
   const double u = std::ldexp(1.0, -24);
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(dim));
 
-  Cache cache(llm::Session<Policy>::cache_config(cfg, kWindow), llm::calibration_for<Policy>(d.model()));
+  Cache cache(llm::Session<Policy>::cache_config(cfg, kWindow), llm::default_calibration<Policy>(d.model()));
   const kvq::SequenceId seq = cache.add_sequence();
   std::vector<StreamBounds<Policy>> key_bounds, value_bounds;
   for (int l = 0; l < cfg.num_layers; ++l) {

@@ -22,6 +22,7 @@
 #include "kvq/core/thread_pool.hpp"
 #include "kvq/policy/registry.hpp"
 #include "kvq_catch.hpp"
+#include "llm/any_session.hpp"
 #include "llm/evaluate.hpp"
 #include "llm/llama2c.hpp"
 #include "llm/load.hpp"
@@ -124,36 +125,36 @@ TEST_CASE("stories260K: chunks equal one-token decode steps bit for bit, every p
   const int n = static_cast<int>(tokens.size());
   const int vocab = model.config.vocab_size;
   kvq::ThreadPool pool(2);
-  kvq::for_each_policy([&](auto tag) {
-    using P = typename decltype(tag)::type;
-    INFO("policy " << P::name());
-    kvq::llm::Session<P> steps(model, n, nullptr);
+  for (const std::string& name : kvq::policy_names()) {
+    INFO("policy " << name);
+    // Sessions from the runtime's registry (llm/any_session.hpp), as kvq eval runs them.
+    const auto steps = kvq::llm::make_session(name, model, n, nullptr);
     std::vector<float> step_logits(static_cast<std::size_t>(n) * vocab);
     for (int i = 0; i < n; ++i) {
-      steps.forward(&tokens[static_cast<std::size_t>(i)], 1, step_logits.data() + static_cast<std::size_t>(i) * vocab);
+      steps->forward(&tokens[static_cast<std::size_t>(i)], 1, step_logits.data() + static_cast<std::size_t>(i) * vocab);
     }
     for (const int chunk : {7, 64, n}) {
       INFO("chunks of " << chunk << " tokens, 2 threads");
-      kvq::llm::Session<P> chunked(model, n, &pool);
+      const auto chunked = kvq::llm::make_session(name, model, n, &pool);
       std::vector<float> logits(step_logits.size());
       for (int at = 0; at < n; at += chunk) {
         const int m = std::min(chunk, n - at);
-        chunked.forward(&tokens[static_cast<std::size_t>(at)], m, logits.data() + static_cast<std::size_t>(at) * vocab);
+        chunked->forward(&tokens[static_cast<std::size_t>(at)], m, logits.data() + static_cast<std::size_t>(at) * vocab);
       }
       REQUIRE(std::memcmp(logits.data(), step_logits.data(), logits.size() * sizeof(float)) == 0);
-      REQUIRE(chunked.cache().memory_bytes() == steps.cache().memory_bytes());
+      REQUIRE(chunked->cache_bytes() == steps->cache_bytes());
       const std::size_t row = static_cast<std::size_t>(model.config.kv_dim());
       std::vector<float> a(static_cast<std::size_t>(n) * row), b(a.size());
       for (int l = 0; l < model.config.num_layers; ++l) {
-        chunked.cache().read_keys(chunked.sequence(), l, a.data());
-        steps.cache().read_keys(steps.sequence(), l, b.data());
+        chunked->read_keys(l, a.data());
+        steps->read_keys(l, b.data());
         REQUIRE(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
-        chunked.cache().read_values(chunked.sequence(), l, a.data());
-        steps.cache().read_values(steps.sequence(), l, b.data());
+        chunked->read_values(l, a.data());
+        steps->read_values(l, b.data());
         REQUIRE(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
       }
     }
-  });
+  }
 }
 
 TEST_CASE("stories260K: fp32-cache perplexity of TinyStories matches the reference", "[realdata][llm]") {

@@ -40,8 +40,15 @@ using KiviK2 = kvq::KiviPolicy<Bits::k2, Bits::k2, 32, 128>;
 using KiviK4 = kvq::KiviPolicy<Bits::k4, Bits::k4, 32, 128>;
 using SkvqK2V15 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 128, 128, 5>;
 using SkvqK2V2 = kvq::SkvqPolicy<Bits::k2, Bits::k2, 128, 128, 5>;
+using SkvqK2V15G32 = kvq::SkvqPolicy<Bits::k2, Bits::kTernary, 32, 128, 5>;
+using SkvqK2V2G32 = kvq::SkvqPolicy<Bits::k2, Bits::k2, 32, 128, 5>;
 using CskvK4V4 = kvq::CskvPolicy<Bits::k4, Bits::k4, 50, 50, 32>;
 using CskvK2V4 = kvq::CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>;
+using CskvFp16Small = kvq::CskvFp16Policy<50, 25, 4>;
+using CskvK4V4R25 = kvq::CskvPolicy<Bits::k4, Bits::k4, 25, 75, 32>;
+using CskvK4V4R10 = kvq::CskvPolicy<Bits::k4, Bits::k4, 10, 30, 32>;
+using CskvFp16R25 = kvq::CskvFp16Policy<25, 75, 32>;
+using CskvFp16R10 = kvq::CskvFp16Policy<10, 30, 32>;
 using PerTokenK2 = kvq::PerTokenPolicy<Bits::k2, Bits::k2, 32>;
 using PerTokenK4 = kvq::PerTokenPolicy<Bits::k4, Bits::k4, 32>;
 }  // namespace policies
@@ -167,7 +174,7 @@ struct StreamModel {
 struct StreamExpect {
   bool quantized = false;
   kvq::MatrixQuantSpec spec{};
-  bool reorderable = false;
+  bool reorders = false;  ///< SKVQ channel groups (ChannelReorder transform)
   std::size_t exact_bytes = 0;
 };
 
@@ -272,6 +279,26 @@ struct Expect<kvq::CskvPolicy<KB, VB, KP, VP, M>> {
   static StreamExpect value_stream(index_t heads, index_t dim) {
     return {true, make_spec(VB, GroupAxis::kChannels, value_rank(heads, dim) / heads, 1.0f, MetaFormat::kFp16), false, 0};
   }
+  static std::vector<index_t> extra_lengths() { return {2 * M - 1, 2 * M, 2 * M + 1}; }
+};
+
+template <int KP, int VP, int M>
+struct Expect<kvq::CskvFp16Policy<KP, VP, M>> {
+  using exact_type = kvq::Float16;
+  static constexpr bool pre_rope = true;
+  static constexpr bool latent = true;
+  static constexpr index_t group = M;
+  static constexpr index_t residual = M;
+  static std::string name() {
+    return "cskv-fp16-r" + std::to_string(KP) + "-" + std::to_string(VP) + "-w" + std::to_string(M);
+  }
+  static StreamModel key_model() { return {Method::kCskv, 0, M}; }
+  static StreamModel value_model() { return {Method::kCskv, 0, M}; }
+  static index_t key_rank(index_t heads, index_t dim) { return cskv_rank(heads, dim, KP); }
+  static index_t value_rank(index_t heads, index_t dim) { return cskv_rank(heads, dim, VP); }
+  // Latents stored exactly in fp16 (channel shrinking without quantization).
+  static StreamExpect key_stream(index_t, index_t) { return {false, {}, false, 2}; }
+  static StreamExpect value_stream(index_t, index_t) { return {false, {}, false, 2}; }
   static std::vector<index_t> extra_lengths() { return {2 * M - 1, 2 * M, 2 * M + 1}; }
 };
 
@@ -400,15 +427,7 @@ kvq::QuantizedKVCache<P> make_cache(index_t layers, index_t heads, index_t dim, 
   cfg.head_dim = dim;
   cfg.num_blocks = blocks;
   cfg.rope = rope;
-  kvq::CacheCalibration cal;
-  if constexpr (kvq::policy_traits<P>::latent) {
-    for (index_t l = 0; l < layers; ++l) {
-      cal.latent.push_back(kvq::random_orthonormal_factors(heads * dim, Expect<P>::key_rank(heads, dim),
-                                                           Expect<P>::value_rank(heads, dim),
-                                                           factor_seed + static_cast<std::uint64_t>(l)));
-    }
-  }
-  return kvq::QuantizedKVCache<P>(cfg, std::move(cal));
+  return kvq::QuantizedKVCache<P>(cfg, kvq::random_latent_calibration<P>(cfg, factor_seed));
 }
 
 // ---- snapshots -----------------------------------------------------------------------------

@@ -28,6 +28,9 @@ Command add_eval(CLI::App& app);
 /// `kvq generate`: greedy generation on a quantized cache, streamed.
 Command add_generate(CLI::App& app);
 
+/// `kvq calibrate`: SKVQ or CSKV calibration on a real model, written as a calibration file.
+Command add_calibrate(CLI::App& app);
+
 /// `kvq demo`: the round-trip table on a generated K-like tensor with outlier channels.
 Command add_demo(CLI::App& app);
 

@@ -21,7 +21,8 @@
 #include "kvq/core/thread_pool.hpp"
 #include "kvq/policy/registry.hpp"
 #include "llm/load.hpp"
-#include "llm/session.hpp"
+#include "kvq/cache/calibration_io.hpp"
+#include "llm/any_session.hpp"
 #include "llm/model_defaults.hpp"
 
 namespace kvq_tool {
@@ -32,12 +33,13 @@ struct GenerateOptions {
   std::string tokenizer;
   std::string prompt;
   std::string policy = "fp16";
+  std::string calib;
   int steps = 128;
   int threads = 0;
 };
 
-template <class Policy>
-int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq::ThreadPool& pool) {
+int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq::ThreadPool& pool,
+             const kvq::CacheCalibration* calibration) {
   const kvq::llm::Model& model = loaded.model;
   const kvq::llm::Tokenizer& tok = *loaded.tokenizer;
   std::vector<int> prompt;
@@ -54,12 +56,12 @@ int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq:
                                       fmt::format("fewer than the model's context of {} tokens", context));
   }
   const int total = std::min<int>(context, static_cast<int>(prompt.size()) + o.steps);
-  kvq::llm::Session<Policy> session(model, total, &pool);
+  const std::unique_ptr<kvq::llm::AnySession> session = kvq::llm::make_session(o.policy, model, total, &pool, calibration);
   std::vector<float> logits(static_cast<std::size_t>(model.config.vocab_size));
 
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
-  session.forward(prompt.data(), static_cast<int>(prompt.size()), logits.data(), false);
+  session->forward(prompt.data(), static_cast<int>(prompt.size()), logits.data(), false);
   const auto t1 = clock::now();
   // Echo the prompt as the tokenizer decodes it (after BOS, if any, which prints as nothing).
   int previous = -1;
@@ -69,14 +71,14 @@ int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq:
   }
   std::fflush(stdout);
   int generated = 0;
-  while (session.position() < total) {
+  while (session->position() < total) {
     const int next = static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
     ++generated;
     if (next == tok.eos()) break;
     fmt::print("{}", tok.decode(previous, next));
     std::fflush(stdout);
     previous = next;
-    session.forward(&next, 1, logits.data(), false);
+    session->forward(&next, 1, logits.data(), false);
   }
   const auto t2 = clock::now();
   fmt::print("\n");
@@ -85,8 +87,8 @@ int generate(const kvq::llm::LoadedModel& loaded, const GenerateOptions& o, kvq:
   const double decode = std::chrono::duration<double>(t2 - t1).count();
   fmt::print(stderr, "[{}: prompt {} tokens in {:.2f} s, {} generated in {:.2f} s ({:.1f} tok/s); cache {} bytes for {} "
              "tokens = {:.3f} bits/element]\n",
-             Policy::name(), prompt.size(), prefill, generated, decode, decode > 0 ? generated / decode : 0.0,
-             session.cache().memory_bytes(), session.position(), session.cache().bits_per_element());
+             o.policy, prompt.size(), prefill, generated, decode, decode > 0 ? generated / decode : 0.0,
+             session->cache_bytes(), session->position(), session->bits_per_element());
   return 0;
 }
 
@@ -95,13 +97,24 @@ int run_generate(GenerateOptions o) {
   if (o.steps < 1) kvq::detail::throw_argument_error("kvq generate", "-n", o.steps, "a positive token count");
   if (o.threads < 0) kvq::detail::throw_argument_error("kvq generate", "--threads", o.threads, "0 (all cores) or more");
   const int threads = o.threads > 0 ? o.threads : std::max(1u, std::thread::hardware_concurrency());
-  int rc = 0;
+  kvq::CacheCalibration calibration;
+  kvq::CalibrationInfo info;
+  if (!o.calib.empty()) {
+    calibration = kvq::load_cache_calibration(o.calib, &info);
+    o.policy = info.policy;
+  }
   // Check the policy name before the (slow) model load.
   kvq::dispatch_policy(o.policy, [](auto) {});
   const kvq::llm::LoadedModel loaded = kvq::llm::load_model(o.model, o.tokenizer);
+  if (!o.calib.empty()) {
+    kvq::CacheConfig shape;
+    shape.num_layers = loaded.model.config.num_layers;
+    shape.num_kv_heads = loaded.model.config.num_kv_heads;
+    shape.head_dim = loaded.model.config.head_dim;
+    kvq::check_calibration_fits(info, o.calib, o.policy, shape);
+  }
   kvq::ThreadPool pool(threads);
-  kvq::dispatch_policy(o.policy, [&](auto tag) { rc = generate<typename decltype(tag)::type>(loaded, o, pool); });
-  return rc;
+  return generate(loaded, o, pool, o.calib.empty() ? nullptr : &calibration);
 }
 
 }  // namespace
@@ -113,6 +126,7 @@ Command add_generate(CLI::App& app) {
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer.bin of a llama2.c model (default: found beside it)");
   sub->add_option("--prompt", o->prompt, "text to continue (may be empty for a model with BOS)")->required();
   sub->add_option("--policy", o->policy, "cache policy (default fp16; see `kvq policies`)");
+  sub->add_option("--calib", o->calib, "a calibration file of kvq calibrate (sets the policy to the file's)");
   sub->add_option("-n,--tokens", o->steps, "tokens to generate (default 128)");
   sub->add_option("--threads", o->threads, "threads (default 0: all cores)");
   return [o] { return run_generate(*o); };

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
 #if KVQ_TOOL_HAS_LLM
   const kvq_tool::Command eval = kvq_tool::add_eval(app);
   const kvq_tool::Command generate = kvq_tool::add_generate(app);
+  const kvq_tool::Command calibrate = kvq_tool::add_calibrate(app);
 #endif
   try {
     app.parse(argc, argv);
@@ -37,6 +38,7 @@ int main(int argc, char** argv) {
 #if KVQ_TOOL_HAS_LLM
     if (app.got_subcommand("eval")) return eval();
     if (app.got_subcommand("generate")) return generate();
+    if (app.got_subcommand("calibrate")) return calibrate();
 #endif
   } catch (const kvq::Error& e) {
     fmt::print(stderr, "kvq: error ({}): {}\n", kvq::status_name(e.status()), e.what());

@@ -31,12 +31,8 @@ std::string stream_bits_label() {
 /// latent rank of a CSKV policy.
 template <class P>
 kvq::index_t stream_head_width(kvq::index_t head_dim, bool key) {
-  using L = typename P::Latent;
-  if constexpr (L::enabled) {
-    return kvq::latent_head_rank(head_dim, key ? L::key_percent : L::value_percent);
-  } else {
-    return head_dim;
-  }
+  return key ? kvq::stored_head_width<typename P::KeyStream>(head_dim)
+             : kvq::stored_head_width<typename P::ValueStream>(head_dim);
 }
 
 /// How a stream is grouped: "per-channel g32", "per-token g128", "per-token g64/head"
@@ -98,31 +94,23 @@ std::string meta_text() {
 /// "50%/50%" for a CSKV policy (latent ranks as a share of the kv row), "-" otherwise.
 template <class P>
 std::string latent_text() {
-  using L = typename P::Latent;
-  if constexpr (L::enabled) {
-    return fmt::format("{}%/{}%", L::key_percent, L::value_percent);
+  if constexpr (kvq::policy_traits<P>::latent) {
+    return fmt::format("{}%/{}%", P::KeyStream::transform::percent, P::ValueStream::transform::percent);
   } else {
     return "-";
   }
 }
 
-/// The per-layer calibration a cache of policy P needs: random orthonormal latent factors
-/// (seeded) for CSKV policies, nothing otherwise.
+/// The per-layer calibration a cache of policy P needs without a calibration file: random
+/// orthonormal latent factors (seeded) for CSKV policies, nothing otherwise.
 template <class P>
 kvq::CacheCalibration default_calibration(kvq::index_t num_layers, kvq::index_t num_kv_heads,
                                           kvq::index_t head_dim, std::uint64_t seed) {
-  kvq::CacheCalibration c;
-  using L = typename P::Latent;
-  if constexpr (L::enabled) {
-    const kvq::index_t width = num_kv_heads * head_dim;
-    for (kvq::index_t l = 0; l < num_layers; ++l) {
-      c.latent.push_back(kvq::random_orthonormal_factors(
-          width, num_kv_heads * kvq::latent_head_rank(head_dim, L::key_percent),
-          num_kv_heads * kvq::latent_head_rank(head_dim, L::value_percent),
-          seed + static_cast<std::uint64_t>(l)));
-    }
-  }
-  return c;
+  kvq::CacheConfig config;
+  config.num_layers = num_layers;
+  config.num_kv_heads = num_kv_heads;
+  config.head_dim = head_dim;
+  return kvq::random_latent_calibration<P>(config, seed);
 }
 
 }  // namespace kvq_tool

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "kvq/cache/quantized_kv_cache.hpp"
-#include "kvq/calib/latent_svd.hpp"
+#include "kvq/calib/latent_factors.hpp"
 #include "kvq/io/npy.hpp"
 #include "kvq/policy/registry.hpp"
 #include "kvq/transform/rope.hpp"
@@ -123,7 +123,6 @@ Result round_trip_policy(const PolicyRoundtripOptions& o, const kvq::NpyArray& k
   using Cache = kvq::QuantizedKVCache<P>;
   using K = typename P::KeyStream;
   using V = typename P::ValueStream;
-  using L = typename P::Latent;
   const kvq::index_t tokens = k.shape[0], heads = k.shape[1], dim = k.shape[2];
   const kvq::index_t width = heads * dim;
 
@@ -142,9 +141,9 @@ Result round_trip_policy(const PolicyRoundtripOptions& o, const kvq::NpyArray& k
   r.value_blocks = block_label<V>();
 
   kvq::CacheCalibration calibration;
-  if constexpr (L::enabled) {
-    const kvq::index_t key_rank = heads * kvq::latent_head_rank(dim, L::key_percent);
-    const kvq::index_t value_rank = heads * kvq::latent_head_rank(dim, L::value_percent);
+  if constexpr (kvq::policy_traits<P>::latent) {
+    const kvq::index_t key_rank = heads * kvq::stored_head_width<K>(dim);
+    const kvq::index_t value_rank = heads * kvq::stored_head_width<V>(dim);
     if (!o.key_weights.empty()) {
       const kvq::NpyArray wk = read_weight(o.key_weights, "--key-weights", width);
       const kvq::NpyArray wv = read_weight(o.value_weights, "--value-weights", width);
@@ -154,8 +153,12 @@ Result round_trip_policy(const PolicyRoundtripOptions& o, const kvq::NpyArray& k
             o.value_weights + " of shape " + kvq::detail::npy_shape_text(wv.shape),
             "the shape of --key-weights " + kvq::detail::npy_shape_text(wk.shape));
       }
-      calibration.latent.push_back(kvq::latent_factors_from_weights(
-          wk.data.data(), wv.data.data(), wk.shape[0], width, key_rank, value_rank));
+      calibration.keys.resize(1);
+      calibration.values.resize(1);
+      calibration.keys[0].latent =
+          kvq::calib::low_rank_factor(wk.data.data(), wk.shape[0], width, key_rank, kvq::calib::FactorMethod::kSvd, nullptr);
+      calibration.values[0].latent =
+          kvq::calib::low_rank_factor(wv.data.data(), wv.shape[0], width, value_rank, kvq::calib::FactorMethod::kSvd, nullptr);
       r.factors = fmt::format("SVD of {} and {} [{}, {}]", o.key_weights, o.value_weights,
                               wk.shape[0], width);
     } else {
@@ -163,7 +166,7 @@ Result round_trip_policy(const PolicyRoundtripOptions& o, const kvq::NpyArray& k
       r.factors = fmt::format("random orthonormal, seed {}", o.seed);
     }
     r.factors = fmt::format("latent ranks K {} / V {} of {} ({}%/{}%), factors: {}", key_rank,
-                            value_rank, width, L::key_percent, L::value_percent, r.factors);
+                            value_rank, width, K::transform::percent, V::transform::percent, r.factors);
   }
 
   kvq::CacheConfig config;
@@ -228,7 +231,7 @@ int run_policy_roundtrip(const PolicyRoundtripOptions& o) {
                                       "one of " + known + " (see kvq policies)");
   }
   bool latent = false;
-  kvq::dispatch_policy(o.policy, [&](auto tag) { latent = decltype(tag)::type::Latent::enabled; });
+  kvq::dispatch_policy(o.policy, [&](auto tag) { latent = kvq::policy_traits<typename decltype(tag)::type>::latent; });
   if (o.key_weights.empty() != o.value_weights.empty()) {
     kvq::detail::throw_argument_error(kWhere,
                                       o.key_weights.empty() ? "--value-weights" : "--key-weights",

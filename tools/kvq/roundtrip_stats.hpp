@@ -4,8 +4,6 @@
 ///        measure the error and the storage actually used.
 #pragma once
 
-#include <cmath>
-#include <cstdint>
 #include <vector>
 
 #include "kvq/quant/matrix.hpp"
@@ -20,34 +18,9 @@ struct RoundTrip {
   double relative_frobenius = 0;  ///< ||x - x'||_F / ||x||_F
 };
 
-/// Throws kvq::Error for a bad spec or non-finite input.
-inline RoundTrip round_trip(const std::vector<float>& x, kvq::index_t tokens, kvq::index_t channels,
-                            const kvq::MatrixQuantSpec& spec) {
-  RoundTrip r;
-  r.layout = kvq::plan_matrix(tokens, channels, spec);
-  std::vector<std::uint8_t> codes(r.layout.code_bytes), scales(r.layout.meta_bytes),
-      zeros(r.layout.meta_bytes);
-  kvq::quantize_matrix(kvq::StridedView<const float, 2>(x.data(), {tokens, channels}), spec,
-                       {{codes.data(), codes.size()},
-                        {scales.data(), scales.size()},
-                        {zeros.data(), zeros.size()}});
-  r.dequantized.assign(x.size(), 0.0f);
-  kvq::dequantize_matrix(
-      kvq::ConstQuantizedMatrixRef{{codes.data(), codes.size()},
-                                   {scales.data(), scales.size()},
-                                   {zeros.data(), zeros.size()}},
-      spec, kvq::StridedView<float, 2>(r.dequantized.data(), {tokens, channels}));
-  double sum_abs = 0, sum_sq_err = 0, sum_sq = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    const double e = std::abs(static_cast<double>(x[i]) - r.dequantized[i]);
-    r.max_abs_error = std::max(r.max_abs_error, e);
-    sum_abs += e;
-    sum_sq_err += e * e;
-    sum_sq += static_cast<double>(x[i]) * x[i];
-  }
-  if (!x.empty()) r.mean_abs_error = sum_abs / static_cast<double>(x.size());
-  r.relative_frobenius = sum_sq > 0 ? std::sqrt(sum_sq_err / sum_sq) : std::sqrt(sum_sq_err);
-  return r;
-}
+/// Throws kvq::Error for a bad spec or non-finite input. (Defined in roundtrip_stats.cpp: the
+/// quantizer of every code width and metadata format is compiled once for the tool.)
+RoundTrip round_trip(const std::vector<float>& x, kvq::index_t tokens, kvq::index_t channels,
+                     const kvq::MatrixQuantSpec& spec);
 
 }  // namespace kvq_tool

@@ -8,12 +8,14 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "kvq/core/error.hpp"
 #include "kvq/core/thread_pool.hpp"
 #include "llm/model.hpp"
+#include "llm/any_session.hpp"
 #include "llm/session.hpp"
 #include "llm/tokenizer.hpp"
 
@@ -88,14 +90,14 @@ struct PolicyResult {
 /// Called after each chunk with (tokens done, tokens in all).
 using Progress = std::function<void(int done, int total)>;
 
-/// Runs the plan on fresh caches of Policy, `chunk` tokens per forward call.
-template <class Policy>
-PolicyResult evaluate(const Model& model, const EvalPlan& plan, int chunk, kvq::ThreadPool* pool,
-                      const Progress& progress = {}) {
+/// Runs the plan on fresh sessions from `make` (one per window), `chunk` tokens per forward call.
+/// `label` names the result.
+inline PolicyResult evaluate(const SessionFactory& make, const std::string& label, const Model& model,
+                             const EvalPlan& plan, int chunk, const Progress& progress = {}) {
   if (chunk < 1) kvq::detail::throw_argument_error("kvq eval", "--chunk", chunk, "a positive token count");
   using clock = std::chrono::steady_clock;
   PolicyResult r;
-  r.policy = Policy::name();
+  r.policy = label;
   const int vocab = model.config.vocab_size;
   const int total = plan.fed_tokens();
   std::vector<float> logits(static_cast<std::size_t>(chunk) * static_cast<std::size_t>(vocab));
@@ -103,14 +105,14 @@ PolicyResult evaluate(const Model& model, const EvalPlan& plan, int chunk, kvq::
   std::size_t longest = 0;
   for (const std::vector<int>& w : plan.windows) {
     const auto t0 = clock::now();
-    Session<Policy> session(model, static_cast<int>(w.size()), pool);
+    const std::unique_ptr<AnySession> session = make(static_cast<int>(w.size()));
     const auto t1 = clock::now();
     r.calibration_seconds += std::chrono::duration<double>(t1 - t0).count();
     r.logprobs.push_back(std::nan(""));
     for (std::size_t at = 0; at < w.size(); at += static_cast<std::size_t>(chunk)) {
       const int n = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(chunk), w.size() - at));
       const auto f0 = clock::now();
-      session.forward(w.data() + at, n, logits.data(), true);
+      session->forward(w.data() + at, n, logits.data(), true);
       r.seconds += std::chrono::duration<double>(clock::now() - f0).count();
       for (int i = 0; i < n; ++i) {
         const std::size_t target = at + static_cast<std::size_t>(i) + 1;
@@ -125,14 +127,23 @@ PolicyResult evaluate(const Model& model, const EvalPlan& plan, int chunk, kvq::
     }
     if (w.size() > longest) {
       longest = w.size();
-      const auto& cache = session.cache();
-      r.bits_per_element = cache.bits_per_element();
-      r.cache_bytes = static_cast<double>(cache.memory_bytes());
+      r.bits_per_element = session->bits_per_element();
+      r.cache_bytes = static_cast<double>(session->cache_bytes());
       r.cache_tokens = static_cast<int>(w.size());
       r.bytes_per_token = r.cache_bytes / static_cast<double>(w.size());
     }
   }
   return r;
+}
+
+/// evaluate() on fresh caches of Policy with `calibration` (null: default_calibration).
+template <class Policy>
+PolicyResult evaluate(const Model& model, const EvalPlan& plan, int chunk, kvq::ThreadPool* pool,
+                      const Progress& progress = {}, const kvq::CacheCalibration* calibration = nullptr) {
+  const SessionFactory make = [&](int max_tokens) -> std::unique_ptr<AnySession> {
+    return std::make_unique<PolicySession<Policy>>(model, max_tokens, pool, calibration);
+  };
+  return evaluate(make, Policy::name(), model, plan, chunk, progress);
 }
 
 }  // namespace kvq::llm

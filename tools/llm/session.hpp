@@ -30,11 +30,12 @@
 namespace kvq::llm {
 
 /// What attention of one layer receives for one token, before the append (for tests and tools
-/// that study the cache's inputs): q [num_heads * head_dim] after RoPE, k [kv_dim] before RoPE,
-/// v [kv_dim].
+/// that study the cache's inputs, and calibration): x [dim] the normalized hidden state that the
+/// q/k/v projections take, q [num_heads * head_dim] after RoPE, k [kv_dim] before RoPE, v [kv_dim].
 struct AttentionInputs {
   int layer = 0;
   int position = 0;
+  const float* x = nullptr;
   const float* q = nullptr;
   const float* k_pre_rope = nullptr;
   const float* v = nullptr;
@@ -46,11 +47,14 @@ class Session {
  public:
   using Cache = kvq::QuantizedKVCache<Policy>;
 
-  /// A cache with room for `max_tokens` tokens of one sequence, calibrated as the policy needs
-  /// (llm/calibration.hpp). `pool` (may be null) runs the matrix products and split-KV attention.
-  Session(const Model& model, int max_tokens, kvq::ThreadPool* pool)
+  /// A cache with room for `max_tokens` tokens of one sequence, with `calibration` (SKVQ channel
+  /// groups and clip ratios, CSKV factors: kvq calibrate), or without one what the policy can
+  /// use without calibration data (llm/calibration.hpp: CSKV factors from an SVD of the
+  /// weights). `pool` (may be null) runs the matrix products and split-KV attention.
+  Session(const Model& model, int max_tokens, kvq::ThreadPool* pool, const kvq::CacheCalibration* calibration = nullptr)
       : model_(model),
-        cache_(cache_config(model.config, max_tokens), calibration_for<Policy>(model)),
+        cache_(cache_config(model.config, max_tokens),
+               calibration != nullptr ? *calibration : default_calibration<Policy>(model)),
         rope_(model.config.head_dim, model.config.rope, 1),
         pool_(pool),
         max_tokens_(max_tokens) {
@@ -114,7 +118,8 @@ class Session {
         float* k = k_.data() + static_cast<std::size_t>(i) * kvd;
         rope_.rotate(q, 1, qd, c.num_heads, pos, rope_base_);
         if (observer_) {
-          observer_(AttentionInputs{l, static_cast<int>(pos), q, k, v_.data() + static_cast<std::size_t>(i) * kvd});
+          observer_(AttentionInputs{l, static_cast<int>(pos), xn_.data() + static_cast<std::size_t>(i) * dim, q, k,
+                                    v_.data() + static_cast<std::size_t>(i) * kvd});
         }
         if constexpr (!Policy::pre_rope) rope_.rotate(k, 1, kvd, c.num_kv_heads, pos, rope_base_);
         cache_.append(seq_, l, k, v_.data() + static_cast<std::size_t>(i) * kvd, 1);

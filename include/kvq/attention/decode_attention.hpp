@@ -76,11 +76,15 @@ class DecodeAttention {
   using Cache = QuantizedKVCache<Policy>;
   using E = typename Cache::exact_type;
   static constexpr index_t tile = Cache::tile_tokens;
-  static constexpr bool latent = policy_traits<Policy>::latent;
-  /// Per-channel quantized keys stored after RoPE: scored straight from channel-major tiles.
+  /// Values stored as latents: accumulated in latent space, taken through B_V once at the end.
+  static constexpr bool absorbs_values =
+      policy_traits<Policy>::ValueTransform::kind == TransformKind::kLatentProjection;
+  /// Per-channel quantized keys stored as they come, after RoPE: scored straight from
+  /// channel-major tiles.
   static constexpr bool columns_path = [] {
     if constexpr (policy_traits<Policy>::key_quantized) {
-      return Policy::KeyStream::axis == GroupAxis::kTokens && !latent && !Policy::pre_rope;
+      return Policy::KeyStream::axis == GroupAxis::kTokens &&
+             policy_traits<Policy>::KeyTransform::kind == TransformKind::kIdentity && !Policy::pre_rope;
     } else {
       return false;
     }
@@ -88,9 +92,7 @@ class DecodeAttention {
 
  public:
   DecodeAttention(const Cache& cache, SequenceId seq, index_t layer, const float* query)
-      : cache_(cache),
-        layer_(layer),
-        keys_(cache.key_view(seq, layer)),
+      : keys_(cache.key_view(seq, layer)),
         values_(cache.value_view(seq, layer)),
         heads_(cache.config().num_kv_heads),
         dim_(cache.config().head_dim),
@@ -102,13 +104,13 @@ class DecodeAttention {
     group_ = query_heads / heads_;
   }
   index_t length() const noexcept { return keys_.length(); }
-  index_t value_rank() const noexcept { return latent ? cache_.value_rank() : 0; }
+  index_t value_rank() const noexcept { return absorbs_values ? values_.layout->width : 0; }
 
   /// Folds tokens [begin, end) into state (which the caller has reset).
   void run(index_t begin, index_t end, AttentionWorkspace& w, SoftmaxState& state) const {
     AttentionWorkspace::fit(w.keys, tile * width_);
     AttentionWorkspace::fit(w.values, tile * width_);
-    AttentionWorkspace::fit(w.latent, tile * std::max(cache_.key_rank(), cache_.value_rank()));
+    AttentionWorkspace::fit(w.latent, tile * std::max(keys_.layout->width, values_.layout->width));
     AttentionWorkspace::fit(w.scores, query_heads_ * tile);
     if (w.rope.size() < static_cast<std::size_t>(dim_)) w.rope.resize(static_cast<std::size_t>(dim_));
     for (index_t p = begin; p < end;) {
@@ -128,10 +130,10 @@ class DecodeAttention {
       const float* acc = state.acc.data() + qh * dim_;
       for (index_t c = 0; c < dim_; ++c) {
         float v = acc[c];
-        if constexpr (latent) {
-          const index_t rank = cache_.value_rank();
+        if constexpr (absorbs_values) {
+          const index_t rank = values_.layout->width;
           const float* a = state.acc_latent.data() + qh * rank;
-          const float* up = cache_.latent_factors(layer_).value_up.data() + h * dim_ + c;
+          const float* up = values_.transform.up + h * dim_ + c;
           for (index_t i = 0; i < rank; ++i) v += a[i] * up[i * width_];
         }
         out(qh, c) = v * inv;
@@ -155,16 +157,7 @@ class DecodeAttention {
         return;
       }
     }
-    if (!quantized) {
-      exact_rows_to_float(keys_.exact_rows(p), n, width_, k, width_);
-    } else if constexpr (latent) {
-      const index_t rank = cache_.key_rank();
-      keys_.decode_stored(p, n, w.latent.data(), rank);
-      matmul_rows(w.latent.data(), n, rank, rank, cache_.latent_factors(layer_).key_up.data(), width_, k, width_);
-    } else {
-      keys_.decode_stored(p, n, k, width_);
-    }
-    if constexpr (Policy::pre_rope) cache_.rope().rotate(k, n, width_, heads_, p, w.rope.data());
+    keys_.read_rows(p, n, k, width_, w.latent.data(), w.rope.data(), true);
     for (index_t h = 0; h < heads_; ++h) {
       scores_rows(query_ + h * group_ * dim_, group_, k + h * dim_, width_, n, dim_,
                   w.scores.data() + h * group_ * tile, tile);
@@ -184,8 +177,8 @@ class DecodeAttention {
         const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpositive(m - new_max);
         float* acc = state.acc.data() + qh * dim_;
         for (index_t c = 0; c < dim_; ++c) acc[c] *= alpha;
-        if constexpr (latent) {
-          const index_t rank = cache_.value_rank();
+        if constexpr (absorbs_values) {
+          const index_t rank = values_.layout->width;
           float* a = state.acc_latent.data() + qh * rank;
           for (index_t i = 0; i < rank; ++i) a[i] *= alpha;
         }
@@ -198,9 +191,9 @@ class DecodeAttention {
 
   void accumulate_values(index_t p, index_t n, AttentionWorkspace& w, SoftmaxState& state) const {
     const bool quantized = values_.segment(p) == Segment::kQuantized;
-    if constexpr (latent) {
+    if constexpr (absorbs_values) {
       if (quantized) {
-        const index_t rank = cache_.value_rank();
+        const index_t rank = values_.layout->width;
         values_.decode_stored(p, n, w.latent.data(), rank);
         accumulate_rows(w.scores.data(), query_heads_, tile, w.latent.data(), rank, n, rank,
                         state.acc_latent.data(), rank);
@@ -208,19 +201,13 @@ class DecodeAttention {
       }
     }
     float* v = w.values.data();
-    if (quantized) {
-      values_.decode_stored(p, n, v, width_);
-    } else {
-      exact_rows_to_float(values_.exact_rows(p), n, width_, v, width_);
-    }
+    values_.read_rows(p, n, v, width_, w.latent.data(), nullptr, false);
     for (index_t h = 0; h < heads_; ++h) {
       accumulate_rows(w.scores.data() + h * group_ * tile, group_, tile, v + h * dim_, width_, n,
                       dim_, state.acc.data() + h * group_ * dim_, dim_);
     }
   }
 
-  const Cache& cache_;
-  index_t layer_;
   StreamView<E> keys_;
   StreamView<E> values_;
   index_t heads_;

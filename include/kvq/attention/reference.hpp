@@ -27,6 +27,7 @@ void attend(const QuantizedKVCache<Policy>& cache, SequenceId seq, index_t layer
   std::vector<float> values(keys.size());
   cache.read_keys(seq, layer, keys.data());
   cache.read_values(seq, layer, values.data());
+  const RopeRotator* rope = cache.key_view(seq, layer).rope;  // keys stored before RoPE
   if (scale == 0.0) scale = 1.0 / std::sqrt(static_cast<double>(dim));
   std::vector<double> k(static_cast<std::size_t>(dim));
   std::vector<double> s(static_cast<std::size_t>(len));
@@ -35,7 +36,7 @@ void attend(const QuantizedKVCache<Policy>& cache, SequenceId seq, index_t layer
     double mx = -INFINITY;
     for (index_t t = 0; t < len; ++t) {
       for (index_t c = 0; c < dim; ++c) k[static_cast<std::size_t>(c)] = keys[static_cast<std::size_t>((t * heads + h) * dim + c)];
-      if (Policy::pre_rope) cache.rope().rotate_exact(k.data(), t);
+      if (rope != nullptr) rope->rotate_exact(k.data(), t);
       double dot = 0;
       for (index_t c = 0; c < dim; ++c) dot += static_cast<double>(q(qh, c)) * k[static_cast<std::size_t>(c)];
       s[static_cast<std::size_t>(t)] = dot * scale;

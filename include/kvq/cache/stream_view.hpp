@@ -14,20 +14,41 @@
 #include "kvq/layout/block_codec.hpp"
 #include "kvq/layout/stream_layout.hpp"
 #include "kvq/quant/decode_affine.hpp"
-#include "kvq/transform/small_matmul.hpp"
+#include "kvq/transform/rope.hpp"
+#include "kvq/transform/stream_transform.hpp"
 
 namespace kvq {
 
 /// Which part of a stream holds a position.
 enum class Segment : std::uint8_t { kSink, kQuantized, kWindow };
 
+/// Converts n exact rows of width w to float.
+template <class E>
+void exact_rows_to_float(const E* rows, index_t n, index_t w, float* out, index_t stride) noexcept {
+  if constexpr (std::is_same_v<E, Float16>) {
+    static_assert(sizeof(Float16) == sizeof(std::uint16_t), "Float16 is its 16-bit pattern");
+    for (index_t r = 0; r < n; ++r) {
+      half_to_float(reinterpret_cast<const std::uint16_t*>(rows + r * w), w, out + r * stride);
+    }
+    return;
+  }
+  for (index_t r = 0; r < n; ++r) {
+    for (index_t c = 0; c < w; ++c) out[r * stride + c] = to_float(rows[r * w + c]);
+  }
+}
+
 /// One stream of one sequence and layer. Exact rows (sinks, window) have exact_width numbers of
 /// type E (num_kv_heads * head_dim); stored rows have layout->width numbers (the latent rank for
-/// CSKV). Window position p lives in ring slot (p - sinks) mod ring_capacity.
+/// CSKV). Window position p lives in ring slot (p - sinks) mod ring_capacity. `transform` is the
+/// layer's transform (channel groups, latent factors, clip ratio); `rope` is set for keys that
+/// are stored before RoPE and rotated when read for attention.
 template <class E>
 struct StreamView {
   const StreamLayout* layout = nullptr;
-  ChannelGroups groups{};
+  const BlockCodec* codec = nullptr;  ///< quantized streams: the codec of the layout's format
+  StreamTransform transform{};
+  const RopeRotator* rope = nullptr;
+  index_t heads = 0;  ///< kv heads of an exact row (exact_width / head_dim)
   WindowRule rule{};
   StreamCounts counts{};
   const std::int32_t* blocks = nullptr;  ///< block table: quantized rows [b * T, (b + 1) * T)
@@ -80,7 +101,7 @@ struct StreamView {
     const index_t t = layout->block_tokens;
     const std::uint8_t* block = pool->data(blocks[q / t]);
     if (layout->quantized) {
-      decode_rows(*layout, groups, block, q % t, n, out, stride);
+      codec->decode(*layout, transform.groups, block, q % t, n, out, stride);
     } else {
       decode_exact_rows<E>(*layout, block, q % t, n, out, stride);
     }
@@ -91,31 +112,26 @@ struct StreamView {
   void decode_stored_transposed(index_t p, index_t n, float* out, index_t stride) const {
     const index_t q = p - sink_count();
     const index_t t = layout->block_tokens;
-    decode_rows_transposed(*layout, pool->data(blocks[q / t]), q % t, n, out, stride);
+    codec->decode_transposed(*layout, pool->data(blocks[q / t]), q % t, n, out, stride);
+  }
+
+  /// Rows of a run in model space, out [n, exact_width] (row stride `stride`): exact rows
+  /// converted, stored rows dequantized and taken back through the transform (latent rows go
+  /// through `scratch` [n, layout->width]); keys stored before RoPE are rotated by position when
+  /// `rotate` (attention), left as stored otherwise (read_keys). `rope_scratch`: head_dim
+  /// doubles when rotating.
+  void read_rows(index_t p, index_t n, float* out, index_t stride, float* scratch, double* rope_scratch,
+                 bool rotate) const {
+    if (segment(p) != Segment::kQuantized) {
+      exact_rows_to_float(exact_rows(p), n, exact_width, out, stride);
+    } else if (transform.projects()) {
+      decode_stored(p, n, scratch, layout->width);
+      from_stored(transform, scratch, n, layout->width, out, stride);
+    } else {
+      decode_stored(p, n, out, stride);
+    }
+    if (rotate && rope != nullptr) rope->rotate(out, n, stride, heads, p, rope_scratch);
   }
 };
-
-/// Converts n exact rows of width w to float.
-template <class E>
-void exact_rows_to_float(const E* rows, index_t n, index_t w, float* out, index_t stride) noexcept {
-  if constexpr (std::is_same_v<E, Float16>) {
-    static_assert(sizeof(Float16) == sizeof(std::uint16_t), "Float16 is its 16-bit pattern");
-    for (index_t r = 0; r < n; ++r) {
-      half_to_float(reinterpret_cast<const std::uint16_t*>(rows + r * w), w, out + r * stride);
-    }
-    return;
-  }
-  for (index_t r = 0; r < n; ++r) {
-    for (index_t c = 0; c < w; ++c) out[r * stride + c] = to_float(rows[r * w + c]);
-  }
-}
-
-/// out [n, k] = a [n, m] · b [m, k] (a row stride a_stride, b dense, out row stride
-/// out_stride). For latent reconstruction (m = rank, k = width) and projection (m = width,
-/// k = rank).
-inline void matmul_rows(const float* a, index_t n, index_t m, index_t a_stride, const float* b,
-                        index_t k, float* out, index_t out_stride) noexcept {
-  small_matmul(a, n, m, a_stride, b, k, k, out, out_stride);
-}
 
 }  // namespace kvq

@@ -11,8 +11,10 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kvq/core/float_types.hpp"
+#include "kvq/core/view.hpp"
 #include "kvq/core/status.hpp"
 #include "kvq/layout/stream_layout.hpp"
 #include "kvq/quant/decode_affine.hpp"
@@ -42,150 +44,209 @@ decltype(auto) dispatch_stream(const StreamLayout& l, F&& f) {
 
 /// Quantizes rows [n, width] (float, row stride `stride`) into rows [row0, row0 + n) of a
 /// quantized block. Per-channel streams need row0 and n to be multiples of the group size.
-/// `groups` are the layer's SKVQ channel groups (empty: uniform groups of spec.group_size).
-/// Returns kOk, or the quantizer's status with the failing position in *failure.
-inline Status encode_rows(const StreamLayout& l, const ChannelGroups& groups, std::uint8_t* block,
-                          index_t row0, const float* rows, index_t stride, index_t n,
-                          EncodeFailure* failure) {
+/// `groups` are the layer's SKVQ channel groups (empty: uniform groups of spec.group_size) and
+/// `clip` its clip ratio. Returns kOk, or the quantizer's status with the failing position in
+/// *failure.
+template <Bits B, class Meta>
+Status encode_rows_as(const StreamLayout& l, const ChannelGroups& groups, float clip, std::uint8_t* block,
+                      index_t row0, const float* rows, index_t stride, index_t n, EncodeFailure* failure) {
   MatrixQuantSpec spec = l.spec;
   spec.channel_groups = groups;
+  spec.clip = clip;
   const MatrixLayout& m = l.matrix;
   std::uint8_t* codes = block;
   std::uint8_t* scales = block + l.scales_offset;
   std::uint8_t* zeros = block + l.zeros_offset;
-  return detail::dispatch_stream(l, [&](auto bits, auto meta) {
-    constexpr Bits B = decltype(bits)::value;
-    using Meta = decltype(meta);
-    if (spec.axis == GroupAxis::kChannels) {
-      for (index_t r = 0; r < n; ++r) {
-        const index_t line = row0 + r;
-        const float* row = rows + r * stride;
-        for (index_t g = 0; g < m.groups_per_line; ++g) {
-          const detail::GroupSpan span = detail::group_span(spec, g);
-          GroupParams<Meta> p{};
-          std::uint8_t* stream = codes + static_cast<std::size_t>(line) * m.line_bytes;
-          const auto first = static_cast<std::size_t>(span.start);
-          const Status s =
-              groups.empty()
-                  ? quantize_group<B>(ContiguousLoader<float>{row + span.start}, span.length,
-                                      spec.clip, stream, first, &p)
-                  : quantize_group<B>(
-                        GatherLoader<float>{row, groups.permutation.data() + span.start, 1},
-                        span.length, spec.clip, stream, first, &p);
-          if (s != Status::kOk) {
-            *failure = {line, span.start};
-            return s;
-          }
-          detail::store_params(scales, zeros,
-                               static_cast<std::size_t>(line * m.groups_per_line + g), p);
-        }
-      }
-    } else {
-      const index_t gs = spec.group_size;
-      for (index_t c = 0; c < l.width; ++c) {
-        std::uint8_t* stream = codes + static_cast<std::size_t>(c) * m.line_bytes;
-        for (index_t r = 0; r < n; r += gs) {
-          const index_t g = (row0 + r) / gs;
-          GroupParams<Meta> p{};
-          const Status s = quantize_group<B>(StridedLoader<float>{rows + r * stride + c, stride},
-                                             gs, spec.clip, stream,
-                                             static_cast<std::size_t>(row0 + r), &p);
-          if (s != Status::kOk) {
-            *failure = {row0 + r, c};
-            return s;
-          }
-          detail::store_params(scales, zeros,
-                               static_cast<std::size_t>(c * m.groups_per_line + g), p);
-        }
+  if (spec.axis == GroupAxis::kChannels) {
+    const StridedView<const float, 2> x(rows, {n, l.width}, {stride, 1});
+    for (index_t r = 0; r < n; ++r) {
+      const index_t line = row0 + r;
+      index_t g = 0;
+      const Status s = detail::quantize_token_line<B, Meta>(
+          x, r, spec, m.groups_per_line, codes + static_cast<std::size_t>(line) * m.line_bytes, scales, zeros,
+          static_cast<std::size_t>(line * m.groups_per_line), &g);
+      if (s != Status::kOk) {
+        *failure = {line, detail::group_span(spec, g).start};
+        return s;
       }
     }
-    return Status::kOk;
-  });
+  } else {
+    const index_t gs = spec.group_size;
+    for (index_t c = 0; c < l.width; ++c) {
+      std::uint8_t* stream = codes + static_cast<std::size_t>(c) * m.line_bytes;
+      for (index_t r = 0; r < n; r += gs) {
+        const index_t g = (row0 + r) / gs;
+        GroupParams<Meta> p{};
+        const Status s = quantize_group<B>(StridedLoader<float>{rows + r * stride + c, stride},
+                                           gs, spec.clip, stream,
+                                           static_cast<std::size_t>(row0 + r), &p);
+        if (s != Status::kOk) {
+          *failure = {row0 + r, c};
+          return s;
+        }
+        detail::store_params(scales, zeros,
+                             static_cast<std::size_t>(c * m.groups_per_line + g), p);
+      }
+    }
+  }
+  return Status::kOk;
+}
+
+/// Plans (validates, writes nothing) the per-token groups of rows [n, width] as encode_rows_as
+/// would quantize them (per-token streams only). Returns kOk or the first failure (row index within `rows`).
+template <Bits B, class Meta>
+Status plan_token_rows_as(const StreamLayout& l, const ChannelGroups& groups, float clip, const float* rows,
+                          index_t stride, index_t n, EncodeFailure* failure) {
+  MatrixQuantSpec spec = l.spec;
+  spec.channel_groups = groups;
+  spec.clip = clip;
+  const StridedView<const float, 2> x(rows, {n, l.width}, {stride, 1});
+  for (index_t r = 0; r < n; ++r) {
+    index_t g = 0;
+    const Status s = detail::quantize_token_line<B, Meta>(x, r, spec, l.matrix.groups_per_line, nullptr, nullptr,
+                                                          nullptr, 0, &g);
+    if (s != Status::kOk) {
+      *failure = {r, detail::group_span(spec, g).start};
+      return s;
+    }
+  }
+  return Status::kOk;
 }
 
 /// Dequantizes rows [row0, row0 + n) of a quantized block into out [n, width] (row stride
 /// `stride`, channels in their original order).
-inline void decode_rows(const StreamLayout& l, const ChannelGroups& groups,
-                        const std::uint8_t* block, index_t row0, index_t n, float* out,
-                        index_t stride) {
+template <Bits B, class Meta>
+void decode_rows_as(const StreamLayout& l, const ChannelGroups& groups, const std::uint8_t* block, index_t row0,
+                    index_t n, float* out, index_t stride) {
   MatrixQuantSpec spec = l.spec;
   spec.channel_groups = groups;
   const MatrixLayout& m = l.matrix;
   const std::uint8_t* codes = block;
   const std::uint8_t* scales = block + l.scales_offset;
   const std::uint8_t* zeros = block + l.zeros_offset;
-  detail::dispatch_stream(l, [&](auto bits, auto meta) {
-    constexpr Bits B = decltype(bits)::value;
-    using Meta = decltype(meta);
-    float buffer[kCodeChunk];
-    if (spec.axis == GroupAxis::kChannels) {
-      for (index_t r = 0; r < n; ++r) {
-        const index_t line = row0 + r;
-        const std::uint8_t* stream = codes + static_cast<std::size_t>(line) * m.line_bytes;
-        float* row = out + r * stride;
-        for (index_t g = 0; g < m.groups_per_line; ++g) {
-          const detail::GroupSpan span = detail::group_span(spec, g);
-          const auto p = detail::load_params<Meta>(
-              scales, zeros, static_cast<std::size_t>(line * m.groups_per_line + g));
-          const float scale = meta_to_float(p.scale);
-          const float zero = meta_to_float(p.zero);
-          if (groups.empty()) {
-            decode_affine<B>(stream, static_cast<std::size_t>(span.start), span.length, scale,
-                             zero, row + span.start);
-            continue;
-          }
-          const std::int32_t* perm = groups.permutation.data() + span.start;
-          for (index_t i0 = 0; i0 < span.length; i0 += kCodeChunk) {
-            const index_t len = std::min(kCodeChunk, span.length - i0);
-            decode_affine<B>(stream, static_cast<std::size_t>(span.start + i0), len, scale, zero,
-                             buffer);
-            for (index_t i = 0; i < len; ++i) row[perm[i0 + i]] = buffer[i];
-          }
-        }
-      }
-    } else {
-      const index_t gs = spec.group_size;
-      for (index_t c = 0; c < l.width; ++c) {
-        const std::uint8_t* stream = codes + static_cast<std::size_t>(c) * m.line_bytes;
-        for (index_t t = row0; t < row0 + n;) {
-          const index_t g = t / gs;
-          const index_t end = std::min({(g + 1) * gs, row0 + n, t + kCodeChunk});
-          const auto p = detail::load_params<Meta>(
-              scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
-          decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
-                           meta_to_float(p.zero), buffer);
-          for (index_t i = 0; i < end - t; ++i) out[(t - row0 + i) * stride + c] = buffer[i];
-          t = end;
-        }
+  float buffer[kCodeChunk];
+  if (spec.axis == GroupAxis::kChannels && groups.empty()) {
+    for (index_t r = 0; r < n; ++r) {
+      const index_t line = row0 + r;
+      const std::uint8_t* stream = codes + static_cast<std::size_t>(line) * m.line_bytes;
+      float* row = out + r * stride;
+      for (index_t g = 0; g < m.groups_per_line; ++g) {
+        const detail::GroupSpan span = detail::group_span(spec, g);
+        const auto p = detail::load_params<Meta>(
+            scales, zeros, static_cast<std::size_t>(line * m.groups_per_line + g));
+        decode_affine<B>(stream, static_cast<std::size_t>(span.start), span.length, meta_to_float(p.scale),
+                         meta_to_float(p.zero), row + span.start);
       }
     }
-  });
+  } else if (spec.axis == GroupAxis::kChannels) {
+    // Channel groups of variable sizes over a permuted row: each row's slots are decoded as
+    // bare codes in one pass (code * 1 + 0 is the code), one fused multiply-add per slot with
+    // its group's scale and zero gives dequantize_value's value, and each channel then reads its
+    // slot through the inverse permutation (sequential stores, no scatter). The per-thread
+    // buffers grow to the widest row seen and are reused.
+    thread_local std::vector<float> slots;
+    thread_local std::vector<std::int32_t> inverse;
+    const auto width = static_cast<std::size_t>(l.width);
+    if (slots.size() < width) slots.resize(width);
+    if (inverse.size() < width) inverse.resize(width);
+    const std::int32_t* perm = groups.permutation.data();
+    const std::int32_t* bounds = groups.boundaries.data();
+    for (std::size_t p = 0; p < width; ++p) inverse[static_cast<std::size_t>(perm[p])] = static_cast<std::int32_t>(p);
+    float* value = slots.data();
+    const std::int32_t* slot_of = inverse.data();
+    for (index_t r = 0; r < n; ++r) {
+      const index_t line = row0 + r;
+      const std::uint8_t* stream = codes + static_cast<std::size_t>(line) * m.line_bytes;
+      decode_affine<B>(stream, 0, l.width, 1.0f, 0.0f, value);
+      for (index_t g = 0; g < m.groups_per_line; ++g) {
+        const auto p = detail::load_params<Meta>(scales, zeros, static_cast<std::size_t>(line * m.groups_per_line + g));
+        detail::affine_codes(value + bounds[g], bounds[g + 1] - bounds[g], meta_to_float(p.scale), meta_to_float(p.zero));
+      }
+      float* row = out + r * stride;
+      for (index_t c = 0; c < l.width; ++c) row[c] = value[slot_of[c]];
+    }
+  } else {
+    const index_t gs = spec.group_size;
+    for (index_t c = 0; c < l.width; ++c) {
+      const std::uint8_t* stream = codes + static_cast<std::size_t>(c) * m.line_bytes;
+      for (index_t t = row0; t < row0 + n;) {
+        const index_t g = t / gs;
+        const index_t end = std::min({(g + 1) * gs, row0 + n, t + kCodeChunk});
+        const auto p = detail::load_params<Meta>(
+            scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
+        decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
+                         meta_to_float(p.zero), buffer);
+        for (index_t i = 0; i < end - t; ++i) out[(t - row0 + i) * stride + c] = buffer[i];
+        t = end;
+      }
+    }
+  }
 }
 
 /// Per-channel (groups along tokens) blocks only: dequantizes rows [row0, row0 + n) into the
 /// transposed out [width, n] (channel c's run at out + c * stride): contiguous per channel.
-inline void decode_rows_transposed(const StreamLayout& l, const std::uint8_t* block, index_t row0,
-                                   index_t n, float* out, index_t stride) {
+template <Bits B, class Meta>
+void decode_rows_transposed_as(const StreamLayout& l, const std::uint8_t* block, index_t row0, index_t n,
+                               float* out, index_t stride) {
   const MatrixLayout& m = l.matrix;
   const std::uint8_t* scales = block + l.scales_offset;
   const std::uint8_t* zeros = block + l.zeros_offset;
   const index_t gs = l.spec.group_size;
-  detail::dispatch_stream(l, [&](auto bits, auto meta) {
-    constexpr Bits B = decltype(bits)::value;
-    using Meta = decltype(meta);
-    for (index_t c = 0; c < l.width; ++c) {
-      const std::uint8_t* stream = block + static_cast<std::size_t>(c) * m.line_bytes;
-      for (index_t t = row0; t < row0 + n;) {
-        const index_t g = t / gs;
-        const index_t end = std::min((g + 1) * gs, row0 + n);
-        const auto p = detail::load_params<Meta>(
-            scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
-        decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
-                         meta_to_float(p.zero), out + c * stride + (t - row0));
-        t = end;
-      }
+  for (index_t c = 0; c < l.width; ++c) {
+    const std::uint8_t* stream = block + static_cast<std::size_t>(c) * m.line_bytes;
+    for (index_t t = row0; t < row0 + n;) {
+      const index_t g = t / gs;
+      const index_t end = std::min((g + 1) * gs, row0 + n);
+      const auto p = detail::load_params<Meta>(
+          scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
+      decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
+                       meta_to_float(p.zero), out + c * stride + (t - row0));
+      t = end;
     }
+  }
+}
+
+/// The four codec functions of one code width and metadata format. A cache takes the table of
+/// its streams' formats (known at compile time), so a translation unit compiles only the codecs
+/// its policies use; the run-time dispatching functions below compile all of them.
+struct BlockCodec {
+  Status (*encode)(const StreamLayout&, const ChannelGroups&, float, std::uint8_t*, index_t, const float*, index_t,
+                   index_t, EncodeFailure*);
+  Status (*plan)(const StreamLayout&, const ChannelGroups&, float, const float*, index_t, index_t, EncodeFailure*);
+  void (*decode)(const StreamLayout&, const ChannelGroups&, const std::uint8_t*, index_t, index_t, float*, index_t);
+  void (*decode_transposed)(const StreamLayout&, const std::uint8_t*, index_t, index_t, float*, index_t);
+};
+
+template <Bits B, class Meta>
+inline constexpr BlockCodec kBlockCodec = {&encode_rows_as<B, Meta>, &plan_token_rows_as<B, Meta>,
+                                           &decode_rows_as<B, Meta>, &decode_rows_transposed_as<B, Meta>};
+
+/// The codec of a layout's code width and metadata format, chosen at run time.
+inline const BlockCodec& block_codec(const StreamLayout& l) {
+  return detail::dispatch_stream(l, [](auto bits, auto meta) -> const BlockCodec& {
+    return kBlockCodec<decltype(bits)::value, decltype(meta)>;
   });
+}
+
+/// encode_rows_as for the layout's format chosen at run time.
+inline Status encode_rows(const StreamLayout& l, const ChannelGroups& groups, float clip, std::uint8_t* block,
+                          index_t row0, const float* rows, index_t stride, index_t n, EncodeFailure* failure) {
+  return block_codec(l).encode(l, groups, clip, block, row0, rows, stride, n, failure);
+}
+/// plan_token_rows_as for the layout's format chosen at run time.
+inline Status plan_token_rows(const StreamLayout& l, const ChannelGroups& groups, float clip, const float* rows,
+                              index_t stride, index_t n, EncodeFailure* failure) {
+  return block_codec(l).plan(l, groups, clip, rows, stride, n, failure);
+}
+/// decode_rows_as for the layout's format chosen at run time.
+inline void decode_rows(const StreamLayout& l, const ChannelGroups& groups, const std::uint8_t* block, index_t row0,
+                        index_t n, float* out, index_t stride) {
+  block_codec(l).decode(l, groups, block, row0, n, out, stride);
+}
+/// decode_rows_transposed_as for the layout's format chosen at run time.
+inline void decode_rows_transposed(const StreamLayout& l, const std::uint8_t* block, index_t row0, index_t n,
+                                   float* out, index_t stride) {
+  block_codec(l).decode_transposed(l, block, row0, n, out, stride);
 }
 
 /// Copies rows [n, width] of float into rows [row0, row0 + n) of an exact block of T.

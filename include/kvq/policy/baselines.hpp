@@ -19,7 +19,6 @@ struct Fp16Policy {
   using ValueStream = ExactStream<T>;
   using KeyWindow = WindowSpec<0, 0, 1, FlushTiming::kBeforeAttention>;
   using ValueWindow = KeyWindow;
-  using Latent = NoLatent;
   using exact_type = T;
   static constexpr int block_tokens = 16;
   static constexpr bool pre_rope = false;
@@ -37,7 +36,6 @@ struct PerTokenPolicy {
   using ValueStream = QuantizedStream<ValueBits, GroupAxis::kChannels, Group>;
   using KeyWindow = WindowSpec<0, 0, 1, FlushTiming::kBeforeAttention>;
   using ValueWindow = KeyWindow;
-  using Latent = NoLatent;
   using exact_type = Float16;
   static constexpr int block_tokens = 64;
   static constexpr bool pre_rope = false;

@@ -28,7 +28,6 @@ struct KiviPolicy {
   using ValueStream = QuantizedStream<ValueBits, GroupAxis::kChannels, Group>;
   using KeyWindow = WindowSpec<0, Residual - 1, Residual, FlushTiming::kAfterAttention>;
   using ValueWindow = WindowSpec<0, Residual, 1, FlushTiming::kAfterAttention>;
-  using Latent = NoLatent;
   using exact_type = Float16;
   static constexpr int block_tokens = Residual;
   static constexpr bool pre_rope = false;

@@ -6,7 +6,6 @@
 /// A policy is a struct without data members that names:
 ///   using KeyStream, ValueStream;   QuantizedStream<...> or ExactStream<T>
 ///   using KeyWindow, ValueWindow;   WindowSpec<...>
-///   using Latent;                   NoLatent or LatentSpec<...>
 ///   using exact_type;               Float16, BFloat16 or float: sinks and windows
 ///   static constexpr int block_tokens;   tokens per quantized block
 ///   static constexpr bool pre_rope;      keys stored before RoPE (attention rotates them)
@@ -29,7 +28,8 @@ struct has_policy_members : std::false_type {};
 template <class P>
 struct has_policy_members<
     P, std::void_t<typename P::KeyStream, typename P::ValueStream, typename P::KeyWindow,
-                   typename P::ValueWindow, typename P::Latent, typename P::exact_type,
+                   typename P::ValueWindow, typename P::KeyStream::transform,
+                   typename P::ValueStream::transform, typename P::exact_type,
                    decltype(P::block_tokens), decltype(P::pre_rope), decltype(P::name())>>
     : std::true_type {};
 
@@ -63,14 +63,15 @@ inline constexpr bool is_kv_policy_v = detail::has_policy_members<P>::value;
 template <class P>
 struct policy_traits {
   static_assert(is_kv_policy_v<P>,
-                "kvq: not a KV cache policy; a policy names KeyStream, ValueStream, KeyWindow, "
-                "ValueWindow, Latent, exact_type, block_tokens, pre_rope and name() "
+                "kvq: not a KV cache policy; a policy names KeyStream, ValueStream (each with its "
+                "transform), KeyWindow, ValueWindow, exact_type, block_tokens, pre_rope and name() "
                 "(see kvq/policy/policy_traits.hpp)");
   using KeyStream = typename P::KeyStream;
   using ValueStream = typename P::ValueStream;
   using KeyWindow = typename P::KeyWindow;
   using ValueWindow = typename P::ValueWindow;
-  using Latent = typename P::Latent;
+  using KeyTransform = typename KeyStream::transform;
+  using ValueTransform = typename ValueStream::transform;
   using exact_type = typename P::exact_type;
 
   static_assert(P::block_tokens > 0, "kvq: policy block_tokens must be positive");
@@ -84,35 +85,31 @@ struct policy_traits {
                 "kvq: values must be quantized per token (groups along channels); per-channel "
                 "values destroy accuracy (KIVI §3.2, Table 2) and attention does not implement "
                 "them");
-  static_assert(!Latent::enabled || (KeyStream::quantized && ValueStream::quantized),
-                "kvq: a latent (CSKV) policy quantizes its latent streams");
 
   static constexpr bool key_quantized = KeyStream::quantized;
   static constexpr bool value_quantized = ValueStream::quantized;
   static constexpr int block_tokens = P::block_tokens;
   static constexpr bool pre_rope = P::pre_rope;
-  static constexpr bool latent = Latent::enabled;
+  /// Either stream stores a low-rank latent (CSKV).
+  static constexpr bool latent = KeyTransform::kind == TransformKind::kLatentProjection ||
+                                 ValueTransform::kind == TransformKind::kLatentProjection;
 };
-
-/// Latent rank per kv head of a CSKV stream that keeps `percent`% of the head's channels:
-/// max(1, round(head_dim * percent / 100)); a layer row has num_kv_heads times as many.
-constexpr index_t latent_head_rank(index_t head_dim, int percent) noexcept {
-  const index_t r = (head_dim * percent + 50) / 100;
-  return r < 1 ? 1 : r;
-}
 
 namespace detail {
 
+/// fraction * (code_bits + 2 * meta_bits / group) of one stream (see nominal_bits_per_element).
 template <class S>
-constexpr double nominal_stream_bits(index_t per_head_group) noexcept {
+constexpr double nominal_stream_bits(index_t head_dim) noexcept {
+  const index_t stored = stored_head_width<S>(head_dim);
+  const double fraction = static_cast<double>(stored) / static_cast<double>(head_dim);
   if constexpr (S::quantized) {
     const double code =
         S::bits == Bits::kTernary ? 1.5 : static_cast<double>(static_cast<int>(S::bits));
-    const double group = S::group_size == kGroupPerHead ? static_cast<double>(per_head_group)
+    const double group = S::group_size == kGroupPerHead ? static_cast<double>(stored)
                                                         : static_cast<double>(S::group_size);
-    return code + 2.0 * 8.0 * static_cast<double>(meta_bytes(S::meta)) / group;
+    return fraction * (code + 2.0 * 8.0 * static_cast<double>(meta_bytes(S::meta)) / group);
   } else {
-    return 8.0 * static_cast<double>(sizeof(typename S::value_type));
+    return fraction * 8.0 * static_cast<double>(sizeof(typename S::value_type));
   }
 }
 
@@ -123,23 +120,14 @@ constexpr double nominal_stream_bits(index_t per_head_group) noexcept {
 ///   fraction * (code_bits + 2 * meta_bits / group_size)
 /// code_bits as labelled (1.5 for ternary, which the dense packing stores in 1.6), one scale and
 /// one zero-point of meta_bits (16 for fp16/bf16, 8 for fp8) per group, fraction = latent rank /
-/// head_dim for CSKV (1 otherwise); exact streams count 16 (fp16/bf16) or 32 (fp32) bits.
+/// head_dim for CSKV (1 otherwise); exact streams count fraction * 16 (fp16/bf16) or 32 (fp32).
 /// Sinks, windows and block padding are left out: QuantizedKVCache::bits_per_element() (measured
 /// from allocations) exceeds it by their share, which shrinks as sequences grow.
 /// @param head_dim  channels per kv head (CSKV ranks and per-head value groups depend on it)
 template <class P>
 constexpr double nominal_bits_per_element(index_t head_dim) noexcept {
-  using L = typename P::Latent;
-  double key_fraction = 1.0, value_fraction = 1.0;
-  index_t value_group = head_dim;
-  if constexpr (L::enabled) {
-    value_group = latent_head_rank(head_dim, L::value_percent);
-    key_fraction = static_cast<double>(latent_head_rank(head_dim, L::key_percent)) /
-                   static_cast<double>(head_dim);
-    value_fraction = static_cast<double>(value_group) / static_cast<double>(head_dim);
-  }
-  return 0.5 * (key_fraction * detail::nominal_stream_bits<typename P::KeyStream>(value_group) +
-                value_fraction * detail::nominal_stream_bits<typename P::ValueStream>(value_group));
+  return 0.5 * (detail::nominal_stream_bits<typename P::KeyStream>(head_dim) +
+                detail::nominal_stream_bits<typename P::ValueStream>(head_dim));
 }
 
 #if defined(__cpp_concepts) && __cpp_concepts >= 201907L

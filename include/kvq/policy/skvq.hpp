@@ -13,9 +13,10 @@ namespace kvq {
 
 /// SKVQ (Duanmu et al., COLM 2024). Keys and values are both quantized per token, in groups of
 /// channels of the whole layer row (num_kv_heads * head_dim channels, SKVQ groups across heads)
-/// after an optional channel permutation with variable group boundaries (identity with groups of
-/// Group channels until calibration provides them). Scales and zeros in FP8 E4M3 by default,
-/// clip ratio ClipPermille / 1000 (0.92: the authors' LongBench setting). The first Sinks tokens
+/// after a channel permutation with variable group boundaries (the ChannelReorder transform:
+/// identity order with round(width / Group) equal groups until a calibration provides them;
+/// kvq::calib computes them). Scales and zeros in FP8 E4M3 by default, clip ratio ClipPermille /
+/// 1000 (0.92: the authors' LongBench setting) unless the calibration sets one per layer. The first Sinks tokens
 /// stay exact; the last Window tokens stay exact and the oldest leaves one token at a time,
 /// quantized before the step's attention. Ternary values (Bits::kTernary) use the dense 5-codes-
 /// per-byte packing.
@@ -24,12 +25,11 @@ template <Bits KeyBits, Bits ValueBits, int Group = 128, int Window = 128, int S
           int ClipPermille = 920, MetaFormat Meta = MetaFormat::kFp8E4M3, bool PreRope = true>
 struct SkvqPolicy {
   static_assert(Window >= 0 && Sinks >= 0, "kvq: SkvqPolicy: Window and Sinks must be >= 0");
-  using KeyStream = QuantizedStream<KeyBits, GroupAxis::kChannels, Group, Meta, ClipPermille, true>;
+  using KeyStream = QuantizedStream<KeyBits, GroupAxis::kChannels, Group, Meta, ClipPermille, ChannelReorder>;
   using ValueStream =
-      QuantizedStream<ValueBits, GroupAxis::kChannels, Group, Meta, ClipPermille, true>;
+      QuantizedStream<ValueBits, GroupAxis::kChannels, Group, Meta, ClipPermille, ChannelReorder>;
   using KeyWindow = WindowSpec<Sinks, Window, 1, FlushTiming::kBeforeAttention>;
   using ValueWindow = KeyWindow;
-  using Latent = NoLatent;
   using exact_type = Float16;
   static constexpr int block_tokens = 64;
   static constexpr bool pre_rope = PreRope;

@@ -38,6 +38,25 @@ namespace detail {
 inline float affine(std::uint32_t code, float scale, float zero) noexcept {
   return dequantize_value(code, scale, zero);
 }
+/// affine() of a code held as a float (an exact small integer): the same fused operation.
+inline float affine_code(float code, float scale, float zero) noexcept {
+#if defined(__FMA__)
+  return __builtin_fmaf(code, scale, zero);
+#else
+  return code * scale + zero;
+#endif
+}
+
+/// codes[i] = affine_code(codes[i], scale, zero) for i < n, eight at a time with AVX2/FMA.
+inline void affine_codes(float* codes, index_t n, float scale, float zero) noexcept {
+  index_t i = 0;
+#if KVQ_HAVE_AVX2
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 z = _mm256_set1_ps(zero);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(codes + i, _mm256_fmadd_ps(_mm256_loadu_ps(codes + i), s, z));
+#endif
+  for (; i < n; ++i) codes[i] = affine_code(codes[i], scale, zero);
+}
 
 /// The five base-3 digits of every ternary byte value (0 .. 242; larger values never occur).
 inline const std::array<std::array<std::uint8_t, 5>, 256>& ternary_digits() noexcept {
@@ -163,6 +182,15 @@ KVQ_FORCEINLINE float meta_to_float(Meta m) noexcept {
 #if KVQ_HAVE_AVX2 && defined(__F16C__)
   if constexpr (std::is_same_v<Meta, Float16>) return _cvtsh_ss(m.bits());
 #endif
+  if constexpr (std::is_same_v<Meta, Float8E4M3>) {
+    // All 256 values, converted once by to_float (exact: every FP8 value is a float).
+    static const std::array<float, 256> table = [] {
+      std::array<float, 256> t{};
+      for (std::uint32_t b = 0; b < 256; ++b) t[b] = Float8E4M3::from_bits(static_cast<std::uint8_t>(b)).to_float();
+      return t;
+    }();
+    return table[m.bits()];
+  }
   return m.to_float();
 }
 

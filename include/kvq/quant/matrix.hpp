@@ -307,6 +307,38 @@ void with_group_storer(StridedView<T, 2> y, const MatrixQuantSpec& spec, index_t
   }
 }
 
+/// Quantizes the groups of line `row` of a per-token (GroupAxis::kChannels) matrix x, group g
+/// covering group_span(spec, g), into the line's packed codes `line_codes` and the parameters at
+/// index meta_index + g of `scales` / `zeros`. With line_codes == nullptr nothing is written:
+/// the groups are only planned (validated). Returns kOk, or the first failing group's status
+/// with its index in *failed_group (nothing of that group or later ones is written).
+/// The one per-token group loop: quantize_matrix, the cache's block encoder and its append-time
+/// checks all call it.
+template <Bits B, class Meta, class T>
+Status quantize_token_line(StridedView<const T, 2> x, index_t row, const MatrixQuantSpec& spec,
+                           index_t groups_per_line, std::uint8_t* line_codes, std::uint8_t* scales,
+                           std::uint8_t* zeros, std::size_t meta_index, index_t* failed_group) {
+  for (index_t g = 0; g < groups_per_line; ++g) {
+    const GroupSpan span = group_span(spec, g);
+    const Status s = with_group_loader<T>(x, spec, row, span, [&](const auto& load) {
+      GroupParams<Meta> p{};
+      if (line_codes == nullptr) {
+        QuantGrid grid{};
+        return plan_group<B>(load, span.length, spec.clip, &p, &grid);
+      }
+      const Status q = quantize_group<B>(load, span.length, spec.clip, line_codes,
+                                         static_cast<std::size_t>(span.start), &p);
+      if (q == Status::kOk) store_params(scales, zeros, meta_index + static_cast<std::size_t>(g), p);
+      return q;
+    });
+    if (s != Status::kOk) {
+      *failed_group = g;
+      return s;
+    }
+  }
+  return Status::kOk;
+}
+
 /// Calls f(integral_constant<Bits, B>, Meta{}) for the spec's runtime width and metadata format.
 template <class F>
 void dispatch_spec(const MatrixQuantSpec& spec, F&& f) {
@@ -357,7 +389,26 @@ void quantize_matrix(StridedView<const T, 2> x, const MatrixQuantSpec& spec,
   detail::dispatch_spec(spec, [&](auto bits_tag, auto meta_tag) {
     constexpr Bits B = decltype(bits_tag)::value;
     using Meta = decltype(meta_tag);
-    // Pass 1: validate every group without writing.
+    if (spec.axis == GroupAxis::kChannels) {
+      // Pass 1 validates every line without writing; pass 2 quantizes and packs.
+      for (int pass = 0; pass < 2; ++pass) {
+        for (index_t line = 0; line < layout.lines; ++line) {
+          index_t g = 0;
+          const Status s = detail::quantize_token_line<B, Meta>(
+              x, line, spec, layout.groups_per_line,
+              pass == 0 ? nullptr : out.codes.data() + static_cast<std::size_t>(line) * layout.line_bytes,
+              out.scales.data(), out.zeros.data(), static_cast<std::size_t>(line * layout.groups_per_line), &g);
+          if (s != Status::kOk) {
+            const detail::GroupSpan span = detail::group_span(spec, g);
+            detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {
+              detail::throw_group_error<Meta>(where, spec, line, g, span, load, s);
+            });
+          }
+        }
+      }
+      return;
+    }
+    // Per-channel groups: pass 1 validates every group without writing, pass 2 quantizes.
     detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
       detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {
         GroupParams<Meta> p{};
@@ -366,7 +417,6 @@ void quantize_matrix(StridedView<const T, 2> x, const MatrixQuantSpec& spec,
         if (s != Status::kOk) detail::throw_group_error<Meta>(where, spec, line, g, span, load, s);
       });
     });
-    // Pass 2: quantize and pack.
     detail::for_each_group(layout, spec, [&](index_t line, index_t g, detail::GroupSpan span) {
       detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {
         GroupParams<Meta> p{};

@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 /// @file
-/// @brief CSKV low-rank latent factors of one layer, and random orthonormal factors.
+/// @brief CSKV low-rank factors of one stream and layer, and random orthonormal factors.
 ///
-/// A layer's key row k [width] (width = num_kv_heads * head_dim) is stored as the latent
-/// c = k · A_K [key_rank] and reconstructed as k^ = c · B_K; values likewise. For factors from
-/// an SVD of the projection weight W_k = U S V^T (rank r), A_K = V_r S_r^(-1/2) and
-/// B_K = S_r^(1/2) V_r^T, so c = k · A_K equals CSKV's x · (U_r S_r^(1/2)) for k = x · W_k
-/// (kvq/calib/latent_svd.hpp computes them). Random orthonormal factors (B with orthonormal rows,
-/// A = B^T) project onto a random subspace: the baseline until calibration exists.
+/// A layer's key (or value) row x [width] (width = num_kv_heads * head_dim) is stored as the
+/// latent c = x · A [rank] and reconstructed as x^ = c · B (transform/stream_transform.hpp,
+/// kLatentProjection). kvq/calib/latent_factors.hpp computes A and B from the model's projection
+/// weights (SVD, ASVD) or from calibration activations (the activation-aware refit). Random
+/// orthonormal factors (B with orthonormal rows, A = B^T) project onto a random subspace: a
+/// baseline and a test fixture.
 #pragma once
 
 #include <cmath>
@@ -20,15 +20,14 @@
 
 namespace kvq {
 
-/// Factors of one layer; every matrix is row-major float.
-struct LatentFactors {
+/// The factors of one stream and layer; both matrices row-major float.
+struct LowRankFactor {
   index_t width = 0;
-  index_t key_rank = 0;
-  index_t value_rank = 0;
-  std::vector<float> key_down;    ///< A_K [width, key_rank]
-  std::vector<float> key_up;      ///< B_K [key_rank, width]
-  std::vector<float> value_down;  ///< A_V [width, value_rank]
-  std::vector<float> value_up;    ///< B_V [value_rank, width]
+  index_t rank = 0;
+  std::vector<float> down;  ///< A [width, rank]
+  std::vector<float> up;    ///< B [rank, width]
+
+  bool empty() const noexcept { return down.empty() && up.empty(); }
 };
 
 namespace detail {
@@ -70,28 +69,20 @@ inline std::vector<float> transpose(const std::vector<float>& m, index_t rows, i
 
 }  // namespace detail
 
-/// Random orthonormal factors: B with orthonormal rows, A = B^T (seeded, reproducible).
-inline LatentFactors random_orthonormal_factors(index_t width, index_t key_rank,
-                                                index_t value_rank, std::uint64_t seed) {
-  constexpr const char* where = "kvq::random_orthonormal_factors";
+/// Random orthonormal factors of one stream: B with orthonormal rows, A = B^T (seeded,
+/// reproducible).
+inline LowRankFactor random_orthonormal_factor(index_t width, index_t rank, std::uint64_t seed) {
+  constexpr const char* where = "kvq::random_orthonormal_factor";
   if (width <= 0) detail::throw_argument_error(where, "width", width, "width > 0");
-  if (key_rank <= 0 || key_rank > width) {
-    detail::throw_argument_error(where, "key_rank", key_rank,
-                                 detail::concat("a rank in 1..", width));
-  }
-  if (value_rank <= 0 || value_rank > width) {
-    detail::throw_argument_error(where, "value_rank", value_rank,
-                                 detail::concat("a rank in 1..", width));
+  if (rank <= 0 || rank > width) {
+    detail::throw_argument_error(where, "rank", rank, detail::concat("a rank in 1..", width));
   }
   Rng rng(seed);
-  LatentFactors f;
+  LowRankFactor f;
   f.width = width;
-  f.key_rank = key_rank;
-  f.value_rank = value_rank;
-  f.key_up = detail::random_orthonormal_rows(key_rank, width, rng);
-  f.key_down = detail::transpose(f.key_up, key_rank, width);
-  f.value_up = detail::random_orthonormal_rows(value_rank, width, rng);
-  f.value_down = detail::transpose(f.value_up, value_rank, width);
+  f.rank = rank;
+  f.up = detail::random_orthonormal_rows(rank, width, rng);
+  f.down = detail::transpose(f.up, rank, width);
   return f;
 }
 

@@ -15,25 +15,42 @@ inline void small_matmul(const float* a, index_t n, index_t m, index_t lda, cons
   index_t r0 = 0;
   index_t c_done = 0;
 #if KVQ_HAVE_AVX2
-  // 4 rows x 16 columns per step: 8 accumulators, 6 loads per 8 FMAs.
+  // 4 rows x 16 columns per step: 8 accumulators in named registers (an indexed array may be
+  // kept on the stack once the function is inlined into a large caller), 6 loads per 8 FMAs.
   const index_t k16 = k - k % 16;
   for (; r0 + 4 <= n; r0 += 4) {
+    const float* a0 = a + r0 * lda;
+    const float* a1 = a0 + lda;
+    const float* a2 = a1 + lda;
+    const float* a3 = a2 + lda;
     for (index_t c = 0; c < k16; c += 16) {
-      __m256 acc[8];
-      for (auto& x : acc) x = _mm256_setzero_ps();
-      for (index_t i = 0; i < m; ++i) {
-        const __m256 b0 = _mm256_loadu_ps(b + i * ldb + c);
-        const __m256 b1 = _mm256_loadu_ps(b + i * ldb + c + 8);
-        for (int r = 0; r < 4; ++r) {
-          const __m256 ar = _mm256_broadcast_ss(a + (r0 + r) * lda + i);
-          acc[2 * r] = _mm256_fmadd_ps(ar, b0, acc[2 * r]);
-          acc[2 * r + 1] = _mm256_fmadd_ps(ar, b1, acc[2 * r + 1]);
-        }
+      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+      const float* bp = b + c;
+      for (index_t i = 0; i < m; ++i, bp += ldb) {
+        const __m256 b0 = _mm256_loadu_ps(bp);
+        const __m256 b1 = _mm256_loadu_ps(bp + 8);
+        __m256 x = _mm256_broadcast_ss(a0 + i);
+        c00 = _mm256_fmadd_ps(x, b0, c00);
+        c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a1 + i);
+        c10 = _mm256_fmadd_ps(x, b0, c10);
+        c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a2 + i);
+        c20 = _mm256_fmadd_ps(x, b0, c20);
+        c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a3 + i);
+        c30 = _mm256_fmadd_ps(x, b0, c30);
+        c31 = _mm256_fmadd_ps(x, b1, c31);
       }
-      for (int r = 0; r < 4; ++r) {
-        _mm256_storeu_ps(out + (r0 + r) * ldo + c, acc[2 * r]);
-        _mm256_storeu_ps(out + (r0 + r) * ldo + c + 8, acc[2 * r + 1]);
-      }
+      float* o = out + r0 * ldo + c;
+      _mm256_storeu_ps(o, c00);
+      _mm256_storeu_ps(o + 8, c01);
+      _mm256_storeu_ps(o + ldo, c10);
+      _mm256_storeu_ps(o + ldo + 8, c11);
+      _mm256_storeu_ps(o + 2 * ldo, c20);
+      _mm256_storeu_ps(o + 2 * ldo + 8, c21);
+      _mm256_storeu_ps(o + 3 * ldo, c30);
+      _mm256_storeu_ps(o + 3 * ldo + 8, c31);
     }
   }
   c_done = r0 > 0 ? k16 : 0;

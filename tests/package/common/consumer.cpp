@@ -8,7 +8,7 @@
 #define KVQ_CONSUMER_CALIB 0
 #endif
 #if KVQ_CONSUMER_CALIB
-#include <kvq/calib/latent_svd.hpp>
+#include <kvq/calib/latent_factors.hpp>
 #endif
 
 #include <cmath>
@@ -49,8 +49,8 @@ bool calib_works() {
   std::vector<float> w(16 * 8);
   kvq::Rng rng(2);
   for (float& x : w) x = rng.normal();
-  const kvq::LatentFactors f = kvq::latent_factors_from_weights(w.data(), w.data(), 16, 8, 4, 4);
-  return f.key_down.size() == 32 && f.key_up.size() == 32;
+  const kvq::LowRankFactor f = kvq::calib::low_rank_factor(w.data(), 16, 8, 4, kvq::calib::FactorMethod::kSvd, nullptr);
+  return f.down.size() == 32 && f.up.size() == 32;
 #else
   return true;
 #endif
