@@ -3,6 +3,8 @@
 # there. Idempotent: when everything is present it only checks and prints one line.
 #
 #   scripts/setup.sh            build, test and run dependencies (Debian packages)
+#   scripts/setup.sh --plots    also python3-matplotlib, for the figures of docs/results.md
+#                               (tools/plot_calibration.py)
 #
 # Why each package (README.md "Dependencies" says the same):
 #   g++, cmake, make      the compiler and build system (CMake >= 3.25)
@@ -23,6 +25,12 @@ set -euo pipefail
 
 packages=(g++ cmake make ninja-build libeigen3-dev catch2 libbenchmark-dev libfmt-dev libcli11-dev
           libpcre2-dev nettle-dev pkg-config python3 python3-pip dasher-data)
+for arg in "$@"; do
+  case "$arg" in
+    --plots) packages+=(python3-matplotlib) ;;
+    *) echo "setup: unknown argument '$arg'; expected --plots or nothing" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${packages[@]}"; do

@@ -27,8 +27,8 @@ using SkvqVariant = kvq::SkvqPolicy<Bits::k8, Bits::k3, 16, 5, 0, 960, MetaForma
 // The registry is exactly the issue's list of compiled-in policies, in order.
 static_assert(std::is_same_v<kvq::RegisteredPolicies,
                              kvq::PolicyList<Fp16, Bf16, Fp32, KiviK2, KiviK4, SkvqK2V15, SkvqK2V2, SkvqK2V15G32,
-                                             SkvqK2V2G32, CskvK4V4, CskvK2V4, CskvK4V4R25, CskvK4V4R10, CskvFp16R25,
-                                             CskvFp16R10, PerTokenK2, PerTokenK4>>,
+                                             SkvqK2V2G32, SkvqK2V15G8, SkvqK2V2G8, CskvK4V4, CskvK2V4, CskvK4V4R25,
+                                             CskvK4V4R10, CskvFp16R25, CskvFp16R10, PerTokenK2, PerTokenK4>>,
               "registry changed: update this test and the README's policy table");
 
 // policy_traits / is_kv_policy.
@@ -163,6 +163,8 @@ TEST_CASE("the registry lists, finds and rejects policies by name", "[policy][re
                                          "skvq-k2v2-g128-w128-s5",
                                          "skvq-k2v1.5-g32-w128-s5",
                                          "skvq-k2v2-g32-w128-s5",
+                                         "skvq-k2v1.5-g8-w128-s5",
+                                         "skvq-k2v2-g8-w128-s5",
                                          "cskv-k4v4-r50-50-w32",
                                          "cskv-k2v4-r25-75-w32",
                                          "cskv-k4v4-r25-75-w32",

@@ -54,6 +54,11 @@ Calibrator::Calibrator(const kvq::llm::LoadedModel& model, std::string model_pat
   }
 }
 
+void Calibrator::set_method_options(const kvq::llm::SkvqOptions& skvq, const kvq::llm::CskvOptions& cskv) {
+  settings_.skvq = skvq;
+  settings_.cskv = cskv;
+}
+
 std::string Calibrator::text_label() const {
   return fmt::format("{} of {}, {} tokens", kvq::llm::text_part_label(text_.part), text_.path, text_.tokens);
 }

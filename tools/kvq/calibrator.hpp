@@ -61,6 +61,10 @@ class Calibrator {
   /// Computes the calibration of `policy` (the data pass runs once per Calibrator).
   CalibrationRun compute(const std::string& policy);
 
+  /// Replaces the SKVQ and CSKV options of later computations; the data pass (text, sample
+  /// size) stays, so a sweep over options reads the text once.
+  void set_method_options(const kvq::llm::SkvqOptions& skvq, const kvq::llm::CskvOptions& cskv);
+
   /// The calibration file of a computed run.
   kvq::CalibrationFile file_of(const CalibrationRun& run) const;
 

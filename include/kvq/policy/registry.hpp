@@ -26,6 +26,8 @@ template <class... P>
 struct PolicyList {};
 
 /// The registry, in the order `kvq policies` lists it. Names come from each policy's name().
+/// SKVQ at g8 is for models with small rows (stories260K: 4 kv heads x 8 channels = 32, one g32
+/// group, where channel reordering has nothing to choose).
 using RegisteredPolicies =
     PolicyList<Fp16Policy<Float16>, Fp16Policy<BFloat16>, Fp16Policy<float>,
                KiviPolicy<Bits::k2, Bits::k2, 32, 128>, KiviPolicy<Bits::k4, Bits::k4, 32, 128>,
@@ -33,6 +35,8 @@ using RegisteredPolicies =
                SkvqPolicy<Bits::k2, Bits::k2, 128, 128, 5>,
                SkvqPolicy<Bits::k2, Bits::kTernary, 32, 128, 5>,
                SkvqPolicy<Bits::k2, Bits::k2, 32, 128, 5>,
+               SkvqPolicy<Bits::k2, Bits::kTernary, 8, 128, 5>,
+               SkvqPolicy<Bits::k2, Bits::k2, 8, 128, 5>,
                CskvPolicy<Bits::k4, Bits::k4, 50, 50, 32>, CskvPolicy<Bits::k2, Bits::k4, 25, 75, 32>,
                CskvPolicy<Bits::k4, Bits::k4, 25, 75, 32>, CskvPolicy<Bits::k4, Bits::k4, 10, 30, 32>,
                CskvFp16Policy<25, 75, 32>, CskvFp16Policy<10, 30, 32>,
