@@ -12,9 +12,10 @@
 # 50% (25/75 and 50/50) and 80% (10/30) of the channels removed, fp16 and 4-bit latents, x SVD /
 # ASVD / refit factors.
 # Writes OUT_DIR/{smollm2_wikitext2,stories260k_tinystories}.{txt,json}, the calibrate reports
-# (calibrate_*.txt, with the per-layer errors) and the figures docs/img/calibration.png and
+# (calibrate_*.txt, with the per-layer errors), the tables of docs/results.md (tables.md) and the
+# figures docs/img/calibration.png and
 # docs/img/cskv_layers.png (tools/plot_calibration.py; python3-matplotlib: scripts/setup.sh --plots).
-# About 40 minutes on the 2-core machine, almost all of it the 61 SmolLM2 rows (2 threads each).
+# About 25 minutes on the 2-core machine, almost all of it the 64 SmolLM2 rows (2 threads each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-build/results/calibration}"
@@ -61,4 +62,5 @@ python=/usr/bin/python3  # Debian's, which has python3-matplotlib
 [ -x "$python" ] || python=python3
 "$python" tools/plot_calibration.py --out docs/img/calibration.png \
   "$out/smollm2_wikitext2.json" "$out/stories260k_tinystories.json" \
-  --cskv-report "$out/calibrate_smollm2_wikitext2_cskv.txt" --layers-out docs/img/cskv_layers.png
+  --cskv-report "$out/calibrate_smollm2_wikitext2_cskv.txt" --layers-out docs/img/cskv_layers.png \
+  --markdown "$out/tables.md"

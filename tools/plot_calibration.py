@@ -4,13 +4,15 @@
 panel per file: the calibration figure of docs/results.md (scripts/results_calibration.sh).
 
     tools/plot_calibration.py --out docs/img/calibration.png EVAL.json [EVAL.json ...]
-        [--cskv-report CALIBRATE.txt --layers-out docs/img/cskv_layers.png]
+        [--cskv-report CALIBRATE.txt --layers-out docs/img/cskv_layers.png] [--markdown TABLES.md]
 
 Rows are told apart by policy name and calibration file name (kvq calibrate's sweep names them
 <policy>.<reorder>.clip-<clip>.kvqc and <policy>.<factors>.kvqc). SKVQ: colour = channel order,
 marker = clip ratio; CSKV: colour = factors, marker = latent format; hollow = uncalibrated.
 With --cskv-report (the output of `kvq calibrate --method cskv` for several policies), a second
 figure shows the per-layer activation-weighted error of the SVD, ASVD and refit factors.
+With --markdown, the tables of docs/results.md are written too (SKVQ: policy x channel order
+rows, clip ratio columns; CSKV: policy rows, factor columns; perplexity and dPPL% against fp32).
 Needs matplotlib (Debian: python3-matplotlib; scripts/setup.sh --plots installs it).
 """
 import argparse
@@ -124,7 +126,7 @@ def plot_layers(tables, out):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
     styles = ["-", "--", ":", "-."]
     for ax, stream, first in ((axes[0], "keys", 1), (axes[1], "values", 4)):
-        for i, (policy, rows) in enumerate(sorted(tables.items())):
+        for i, (policy, rows) in enumerate(tables.items()):  # line style by position in --layers-policies
             layers = [r[0] for r in rows]
             for j, method in enumerate(("svd", "asvd", "refit")):
                 ax.plot(layers, [r[first + j] for r in rows], styles[i % len(styles)], color=FACTOR_COLOUR[method],
@@ -140,12 +142,51 @@ def plot_layers(tables, out):
     print(f"wrote {out}")
 
 
+def pct(row):
+    return f"{row['perplexity']:.2f} ({row['delta_perplexity_percent']:+.1f}%)"
+
+
+def markdown_tables(data):
+    """The SKVQ and CSKV tables of one kvq eval --json file, as markdown."""
+    rows = data["results"]
+    ref = next(r for r in rows if r["policy"] == data["reference"])
+    lines = [f"{data['model']} on {os.path.basename(data['text'])} ({data['text_part']}, "
+             f"{data['scored_tokens']} tokens scored); PPL (dPPL against {data['reference']} "
+             f"{ref['perplexity']:.4f})", ""]
+    base = [r for r in rows if variant_of(r)[0] in ("exact", "kivi")]
+    lines += ["| baseline | bits/elem | PPL (dPPL) |", "|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['bits_per_element']:.3f} | {pct(r)} |" for r in base]
+    lines += ["", "| SKVQ policy | channel order | bits/elem | uncalibrated | clip 0.92 | clip 0.96 | clip search |",
+              "|---|---|---|---|---|---|---|"]
+    skvq = [r for r in rows if variant_of(r)[0] == "skvq"]
+    for policy in dict.fromkeys(r["policy"] for r in skvq):
+        plain = next((r for r in skvq if r["policy"] == policy and variant_of(r)[1]["reorder"] is None), None)
+        for order in ("none", "cross-head", "within-head"):
+            cells = {variant_of(r)[1]["clip"]: r for r in skvq
+                     if r["policy"] == policy and variant_of(r)[1]["reorder"] == order}
+            if not cells:
+                continue
+            bits = next(iter(cells.values()))["bits_per_element"]
+            first = pct(plain) if plain and order == "none" else ""
+            lines.append(f"| {policy} | {order} | {bits:.3f} | {first} | " +
+                         " | ".join(pct(cells[c]) if c in cells else "" for c in ("0.92", "0.96", "search")) + " |")
+    lines += ["", "| CSKV policy | bits/elem | SVD of W (uncalibrated) | SVD | ASVD | refit |", "|---|---|---|---|---|---|"]
+    cskv = [r for r in rows if variant_of(r)[0] == "cskv"]
+    for policy in dict.fromkeys(r["policy"] for r in cskv):
+        cells = {variant_of(r)[1]["factors"]: r for r in cskv if r["policy"] == policy}
+        bits = next(iter(cells.values()))["bits_per_element"]
+        lines.append(f"| {policy} | {bits:.3f} | " +
+                     " | ".join(pct(cells[c]) if c in cells else "" for c in (None, "svd", "asvd", "refit")) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("json", nargs="+", help="kvq eval --json files, one panel each")
     p.add_argument("--cskv-report", help="kvq calibrate --method cskv output (per-layer factor errors)")
     p.add_argument("--layers-out", help="the PNG of the per-layer CSKV errors (with --cskv-report)")
+    p.add_argument("--markdown", help="also write the tables of docs/results.md to this file")
     p.add_argument("--layers-policies", default="cskv-fp16-r25-75-w32,cskv-fp16-r10-30-w32",
                    help="the policies of the report to draw (default: 50%% and 80%% reduction)")
     a = p.parse_args()
@@ -164,9 +205,13 @@ def main():
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
+    if a.markdown:
+        with open(a.markdown, "w", encoding="utf-8") as f:
+            f.write("\n".join(markdown_tables(d) for d in data))
+        print(f"wrote {a.markdown}")
     if a.cskv_report:
         tables = read_cskv_report(a.cskv_report)
-        wanted = {k: v for k, v in tables.items() if k in a.layers_policies.split(",")}
+        wanted = {k: tables[k] for k in a.layers_policies.split(",") if k in tables}
         if not wanted:
             p.error(f"--cskv-report {a.cskv_report}: none of {a.layers_policies} in it (found {sorted(tables)})")
         plot_layers(wanted, a.layers_out)

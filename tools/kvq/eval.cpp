@@ -44,6 +44,7 @@
 #include "kvq/cache/calibration_io.hpp"
 #include "kvq/core/error.hpp"
 #include "kvq/core/thread_pool.hpp"
+#include "kvq/io/calibration_file.hpp"
 #include "kvq/policy/registry.hpp"
 #include "llm/evaluate.hpp"
 #include "llm/load.hpp"
@@ -126,6 +127,45 @@ struct Row {
   kvq::CacheCalibration calibration;
   kvq::llm::PolicyResult result;
 };
+
+/// "0.163 mean, 0.288 max" of a per-layer report array of a calibration file, or "" when the
+/// file has no such array (files written by other tools need no report).
+std::string layer_summary(const kvq::CalibrationFile& file, const std::string& name) {
+  const kvq::CalibrationArray* a = file.find_array("report." + name);
+  if (a == nullptr || a->f32.empty()) return "";
+  double sum = 0, max = 0;
+  for (float x : a->f32) {
+    sum += x;
+    max = std::max(max, static_cast<double>(x));
+  }
+  return fmt::format("{:.3f} mean, {:.3f} max", sum / static_cast<double>(a->f32.size()), max);
+}
+
+/// What each calibrated row's file reports about its layers: how much of the attention output
+/// the quantized keys or values alone change (SKVQ), or how much of the projection output the
+/// factors' rank loses before any quantization (CSKV). The reason a calibrated row is far from
+/// the reference, or not.
+std::vector<std::string> calibration_error_lines(const std::vector<Row>& rows) {
+  std::vector<std::string> lines, seen;
+  for (const Row& row : rows) {
+    if (row.calib_file.empty() || std::find(seen.begin(), seen.end(), row.calib_file) != seen.end()) continue;
+    seen.push_back(row.calib_file);
+    const kvq::CalibrationFile file = kvq::read_calibration_file(row.calib_file);
+    const std::string* method = file.find_metadata("method");
+    std::string text;
+    if (method != nullptr && *method == "skvq") {
+      const std::string k = layer_summary(file, "key_attention_error"), v = layer_summary(file, "value_attention_error");
+      if (!k.empty() && !v.empty()) text = "attention-output error, keys alone " + k + "; values alone " + v;
+    } else if (method != nullptr && *method == "cskv") {
+      const std::string label = row.calib.substr(0, row.calib.find(' '));  // "refit factors" -> "refit"
+      const std::string k = layer_summary(file, "key_activation_error_" + label);
+      const std::string v = layer_summary(file, "value_activation_error_" + label);
+      if (!k.empty() && !v.empty()) text = "|XW - XWAB| / |XW| lost by the rank, keys " + k + "; values " + v;
+    }
+    if (!text.empty()) lines.push_back(fmt::format("  {:<26} {:<32} {}", row.policy, row.calib, text));
+  }
+  return lines;
+}
 
 const Row& reference_of(const std::vector<Row>& rows) {
   for (const char* name : {"fp32", "fp16"}) {
@@ -310,6 +350,11 @@ int run_eval(EvalOptions o) {
   if (!sources.empty()) {
     fmt::print("calibrated rows ({}):\n", o.calib.empty() ? "computed or cached in " + o.calib_dir : "files");
     for (const std::string& line : sources) fmt::print("{}\n", line);
+  }
+  const std::vector<std::string> errors = calibration_error_lines(rows);
+  if (!errors.empty()) {
+    fmt::print("calibration errors per layer, on the calibration text (docs/results.md shows what they mean for PPL):\n");
+    for (const std::string& line : errors) fmt::print("{}\n", line);
   }
 
   if (!o.json.empty()) {
