@@ -25,6 +25,7 @@
 #include "kvq/core/view.hpp"
 #include "kvq/io/calibration_file.hpp"
 #include "kvq/layout/block_codec.hpp"
+#include "kvq/layout/block_layout.hpp"
 #include "kvq/layout/stream_layout.hpp"
 #include "kvq/policy/baselines.hpp"
 #include "kvq/policy/cskv.hpp"

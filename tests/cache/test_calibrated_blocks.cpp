@@ -150,8 +150,8 @@ TEST_CASE("a calibrated SKVQ cache equals quantize_matrix on the (permuted) rows
           const std::size_t m = static_cast<std::size_t>(groups) * meta;
           const bool same =
               std::memcmp(block + static_cast<std::size_t>(row) * line, gathered.codes.data() + static_cast<std::size_t>(r) * line, line) == 0 &&
-              std::memcmp(block + layout.scales_offset + static_cast<std::size_t>(row) * m, gathered.scales.data() + static_cast<std::size_t>(r) * m, m) == 0 &&
-              std::memcmp(block + layout.zeros_offset + static_cast<std::size_t>(row) * m, gathered.zeros.data() + static_cast<std::size_t>(r) * m, m) == 0;
+              std::memcmp(layout.block.scales(block) + static_cast<std::size_t>(row) * m, gathered.scales.data() + static_cast<std::size_t>(r) * m, m) == 0 &&
+              std::memcmp(layout.block.zeros(block) + static_cast<std::size_t>(row) * m, gathered.zeros.data() + static_cast<std::size_t>(r) * m, m) == 0;
           if (!same) bad = r;
         }
         CAPTURE(q, bad);

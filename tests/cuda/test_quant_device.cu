@@ -100,6 +100,17 @@ void check_conversions(std::uint64_t seed) {
   }
 }
 
+template <kvq::Bits B, class Meta>
+kvq::MatrixQuantSpec spec_of(kvq::GroupAxis axis, kvq::index_t group, float clip) {
+  kvq::MatrixQuantSpec spec;
+  spec.bits = B;
+  spec.axis = axis;
+  spec.group_size = group;
+  spec.clip = clip;
+  spec.meta = kvq::meta_format_of_v<Meta>;
+  return spec;
+}
+
 // One thread per line: quantizes every group of its line into the line's packed stream (lines
 // start on byte boundaries, so threads never share a byte).
 template <kvq::Bits B, class Meta>
@@ -127,12 +138,7 @@ void check_quantize(kvq::Rng& rng, kvq::GroupAxis axis, kvq::index_t group) {
   const kvq::index_t channels = axis == kvq::GroupAxis::kChannels ? group * 3 : 53;
   std::vector<float> x(static_cast<std::size_t>(tokens * channels));
   for (auto& v : x) v = 3.0f * rng.normal() + (rng.below(50) == 0 ? 40.0f : 0.0f);
-  kvq::MatrixQuantSpec spec;
-  spec.bits = B;
-  spec.axis = axis;
-  spec.group_size = group;
-  spec.clip = 0.96f;
-  spec.meta = kvq::meta_format_of_v<Meta>;
+  const kvq::MatrixQuantSpec spec = spec_of<B, Meta>(axis, group, 0.96f);
   const auto layout = kvq::plan_matrix(tokens, channels, spec);
   std::vector<std::uint8_t> codes(layout.code_bytes, 0), scales(layout.meta_bytes), zeros(layout.meta_bytes);
   kvq::quantize_matrix(kvq::StridedView<const float, 2>(x.data(), {tokens, channels}), spec,
@@ -173,7 +179,66 @@ void check_quantize_all_meta(kvq::Rng& rng) {
   }
 }
 
+// One thread per line of one block: the block's rows [block_tokens, width] quantized group by
+// group into the addresses the BlockLayout (passed by value) gives, as a device append will.
+template <kvq::Bits B, class Meta>
+__global__ void encode_block_kernel(kvq::BlockLayout layout, const float* rows, float clip, std::uint8_t* block,
+                                    kvq::Status* status) {
+  const kvq::index_t line = blockIdx.x * blockDim.x + threadIdx.x;
+  if (line >= layout.lines) return;
+  const bool per_channel = layout.axis == kvq::GroupAxis::kTokens;
+  const kvq::index_t group = layout.line_length / layout.groups_per_line;
+  for (kvq::index_t g = 0; g < layout.groups_per_line; ++g) {
+    const float* start = per_channel ? rows + g * group * layout.width + line : rows + line * layout.width + g * group;
+    kvq::GroupParams<Meta> p{};
+    const kvq::Status s = kvq::quantize_group<B>(kvq::StridedLoader<float>{start, per_channel ? layout.width : 1}, group,
+                                                 clip, layout.line_codes(block, line),
+                                                 static_cast<std::size_t>(g * group), &p);
+    if (s != kvq::Status::kOk) *status = s;
+    layout.store_group<Meta>(block, line, g, p);
+  }
+}
+
+template <kvq::Bits B, class Meta>
+void check_block_encode(kvq::Rng& rng, kvq::GroupAxis axis, kvq::index_t group) {
+  const kvq::index_t block_tokens = 128, width = 1024;  // 8 kv heads x 128
+  const kvq::MatrixQuantSpec spec = spec_of<B, Meta>(axis, group, 1.0f);
+  const kvq::StreamLayout l = kvq::make_quantized_layout(block_tokens, width, spec);
+  std::vector<float> x(static_cast<std::size_t>(block_tokens * width));
+  for (auto& v : x) v = 2.0f * rng.normal() + (rng.below(40) == 0 ? 25.0f : 0.0f);
+  std::vector<std::uint8_t> host(l.block_bytes, 0);
+  kvq::EncodeFailure failure;
+  REQUIRE(kvq::encode_rows(l, {}, spec.clip, host.data(), 0, x.data(), width, block_tokens, &failure) ==
+          kvq::Status::kOk);
+  DeviceBuffer<float> dx(x.size());
+  dx.upload(x);
+  DeviceBuffer<std::uint8_t> dblock(l.block_bytes);
+  REQUIRE(cudaMemset(dblock.ptr, 0, l.block_bytes) == cudaSuccess);
+  DeviceBuffer<kvq::Status> dstatus(1);
+  REQUIRE(cudaMemset(dstatus.ptr, 0, sizeof(kvq::Status)) == cudaSuccess);
+  const auto lines = static_cast<unsigned>(l.block.lines);
+  encode_block_kernel<B, Meta><<<(lines + 63) / 64, 64>>>(l.block, dx.ptr, spec.clip, dblock.ptr, dstatus.ptr);
+  require_launch_ok();
+  REQUIRE(dstatus.download()[0] == kvq::Status::kOk);
+  REQUIRE(dblock.download() == host);
+}
+
 }  // namespace
+
+TEST_CASE("a block encoded on the device through BlockLayout is byte-identical to the host codec's",
+          "[cuda][layout]") {
+  const std::uint64_t seed = kvq_test::case_seed("device block", 0);
+  CAPTURE(seed);
+  kvq::Rng rng(seed);
+  for (auto axis : {kvq::GroupAxis::kTokens, kvq::GroupAxis::kChannels}) {
+    for (kvq::index_t group : {32, 64, 128}) {
+      CAPTURE(kvq::axis_label(axis), group);
+      check_block_encode<kvq::Bits::k2, kvq::Float16>(rng, axis, group);
+      check_block_encode<kvq::Bits::k4, kvq::Float16>(rng, axis, group);
+      check_block_encode<kvq::Bits::kTernary, kvq::Float8E4M3>(rng, axis, group);
+    }
+  }
+}
 
 TEST_CASE("device conversions equal the host's for every pattern and rounding mode", "[cuda][core]") {
   check_conversions<kvq::Float16>(kvq_test::case_seed("device fp16", 0));

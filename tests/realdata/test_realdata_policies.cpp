@@ -240,7 +240,7 @@ class StreamBounds {
     return kvq::dispatch_meta(l.spec.meta, [&](auto meta) {
       using Meta = decltype(meta);
       Meta s;
-      std::memcpy(&s, block + l.scales_offset + static_cast<std::size_t>(index) * sizeof(Meta), sizeof(Meta));
+      std::memcpy(&s, l.block.scales(block) + static_cast<std::size_t>(index) * sizeof(Meta), sizeof(Meta));
       return static_cast<double>(s.to_float());
     });
   }

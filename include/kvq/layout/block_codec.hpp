@@ -53,18 +53,16 @@ Status encode_rows_as(const StreamLayout& l, const ChannelGroups& groups, float 
   MatrixQuantSpec spec = l.spec;
   spec.channel_groups = groups;
   spec.clip = clip;
-  const MatrixLayout& m = l.matrix;
-  std::uint8_t* codes = block;
-  std::uint8_t* scales = block + l.scales_offset;
-  std::uint8_t* zeros = block + l.zeros_offset;
+  const BlockLayout& b = l.block;
+  std::uint8_t* scales = b.scales(block);
+  std::uint8_t* zeros = b.zeros(block);
   if (spec.axis == GroupAxis::kChannels) {
     const StridedView<const float, 2> x(rows, {n, l.width}, {stride, 1});
     for (index_t r = 0; r < n; ++r) {
       const index_t line = row0 + r;
       index_t g = 0;
-      const Status s = detail::quantize_token_line<B, Meta>(
-          x, r, spec, m.groups_per_line, codes + static_cast<std::size_t>(line) * m.line_bytes, scales, zeros,
-          static_cast<std::size_t>(line * m.groups_per_line), &g);
+      const Status s = detail::quantize_token_line<B, Meta>(x, r, spec, b.groups_per_line, b.line_codes(block, line),
+                                                            scales, zeros, b.meta_index(line, 0), &g);
       if (s != Status::kOk) {
         *failure = {line, detail::group_span(spec, g).start};
         return s;
@@ -73,9 +71,9 @@ Status encode_rows_as(const StreamLayout& l, const ChannelGroups& groups, float 
   } else {
     const index_t gs = spec.group_size;
     for (index_t c = 0; c < l.width; ++c) {
-      std::uint8_t* stream = codes + static_cast<std::size_t>(c) * m.line_bytes;
+      std::uint8_t* stream = b.line_codes(block, c);
       for (index_t r = 0; r < n; r += gs) {
-        const index_t g = (row0 + r) / gs;
+        const index_t g = b.token_group(row0 + r);
         GroupParams<Meta> p{};
         const Status s = quantize_group<B>(StridedLoader<float>{rows + r * stride + c, stride},
                                            gs, spec.clip, stream,
@@ -84,8 +82,7 @@ Status encode_rows_as(const StreamLayout& l, const ChannelGroups& groups, float 
           *failure = {row0 + r, c};
           return s;
         }
-        detail::store_params(scales, zeros,
-                             static_cast<std::size_t>(c * m.groups_per_line + g), p);
+        detail::store_params(scales, zeros, b.meta_index(c, g), p);
       }
     }
   }
@@ -103,7 +100,7 @@ Status plan_token_rows_as(const StreamLayout& l, const ChannelGroups& groups, fl
   const StridedView<const float, 2> x(rows, {n, l.width}, {stride, 1});
   for (index_t r = 0; r < n; ++r) {
     index_t g = 0;
-    const Status s = detail::quantize_token_line<B, Meta>(x, r, spec, l.matrix.groups_per_line, nullptr, nullptr,
+    const Status s = detail::quantize_token_line<B, Meta>(x, r, spec, l.block.groups_per_line, nullptr, nullptr,
                                                           nullptr, 0, &g);
     if (s != Status::kOk) {
       *failure = {r, detail::group_span(spec, g).start};
@@ -120,20 +117,18 @@ void decode_rows_as(const StreamLayout& l, const ChannelGroups& groups, const st
                     index_t n, float* out, index_t stride) {
   MatrixQuantSpec spec = l.spec;
   spec.channel_groups = groups;
-  const MatrixLayout& m = l.matrix;
-  const std::uint8_t* codes = block;
-  const std::uint8_t* scales = block + l.scales_offset;
-  const std::uint8_t* zeros = block + l.zeros_offset;
+  const BlockLayout& b = l.block;
+  const std::uint8_t* scales = b.scales(block);
+  const std::uint8_t* zeros = b.zeros(block);
   float buffer[kCodeChunk];
   if (spec.axis == GroupAxis::kChannels && groups.empty()) {
     for (index_t r = 0; r < n; ++r) {
       const index_t line = row0 + r;
-      const std::uint8_t* stream = codes + static_cast<std::size_t>(line) * m.line_bytes;
+      const std::uint8_t* stream = b.line_codes(block, line);
       float* row = out + r * stride;
-      for (index_t g = 0; g < m.groups_per_line; ++g) {
+      for (index_t g = 0; g < b.groups_per_line; ++g) {
         const detail::GroupSpan span = detail::group_span(spec, g);
-        const auto p = detail::load_params<Meta>(
-            scales, zeros, static_cast<std::size_t>(line * m.groups_per_line + g));
+        const auto p = detail::load_params<Meta>(scales, zeros, b.meta_index(line, g));
         decode_affine<B>(stream, static_cast<std::size_t>(span.start), span.length, meta_to_float(p.scale),
                          meta_to_float(p.zero), row + span.start);
       }
@@ -156,10 +151,9 @@ void decode_rows_as(const StreamLayout& l, const ChannelGroups& groups, const st
     const std::int32_t* slot_of = inverse.data();
     for (index_t r = 0; r < n; ++r) {
       const index_t line = row0 + r;
-      const std::uint8_t* stream = codes + static_cast<std::size_t>(line) * m.line_bytes;
-      decode_affine<B>(stream, 0, l.width, 1.0f, 0.0f, value);
-      for (index_t g = 0; g < m.groups_per_line; ++g) {
-        const auto p = detail::load_params<Meta>(scales, zeros, static_cast<std::size_t>(line * m.groups_per_line + g));
+      decode_affine<B>(b.line_codes(block, line), 0, l.width, 1.0f, 0.0f, value);
+      for (index_t g = 0; g < b.groups_per_line; ++g) {
+        const auto p = detail::load_params<Meta>(scales, zeros, b.meta_index(line, g));
         detail::affine_codes(value + bounds[g], bounds[g + 1] - bounds[g], meta_to_float(p.scale), meta_to_float(p.zero));
       }
       float* row = out + r * stride;
@@ -168,12 +162,11 @@ void decode_rows_as(const StreamLayout& l, const ChannelGroups& groups, const st
   } else {
     const index_t gs = spec.group_size;
     for (index_t c = 0; c < l.width; ++c) {
-      const std::uint8_t* stream = codes + static_cast<std::size_t>(c) * m.line_bytes;
+      const std::uint8_t* stream = b.line_codes(block, c);
       for (index_t t = row0; t < row0 + n;) {
-        const index_t g = t / gs;
+        const index_t g = b.token_group(t);
         const index_t end = std::min({(g + 1) * gs, row0 + n, t + kCodeChunk});
-        const auto p = detail::load_params<Meta>(
-            scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
+        const auto p = detail::load_params<Meta>(scales, zeros, b.meta_index(c, g));
         decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
                          meta_to_float(p.zero), buffer);
         for (index_t i = 0; i < end - t; ++i) out[(t - row0 + i) * stride + c] = buffer[i];
@@ -188,17 +181,16 @@ void decode_rows_as(const StreamLayout& l, const ChannelGroups& groups, const st
 template <Bits B, class Meta>
 void decode_rows_transposed_as(const StreamLayout& l, const std::uint8_t* block, index_t row0, index_t n,
                                float* out, index_t stride) {
-  const MatrixLayout& m = l.matrix;
-  const std::uint8_t* scales = block + l.scales_offset;
-  const std::uint8_t* zeros = block + l.zeros_offset;
-  const index_t gs = l.spec.group_size;
+  const BlockLayout& b = l.block;
+  const std::uint8_t* scales = b.scales(block);
+  const std::uint8_t* zeros = b.zeros(block);
+  const index_t gs = b.group_size;
   for (index_t c = 0; c < l.width; ++c) {
-    const std::uint8_t* stream = block + static_cast<std::size_t>(c) * m.line_bytes;
+    const std::uint8_t* stream = b.line_codes(block, c);
     for (index_t t = row0; t < row0 + n;) {
-      const index_t g = t / gs;
+      const index_t g = b.token_group(t);
       const index_t end = std::min((g + 1) * gs, row0 + n);
-      const auto p = detail::load_params<Meta>(
-          scales, zeros, static_cast<std::size_t>(c * m.groups_per_line + g));
+      const auto p = detail::load_params<Meta>(scales, zeros, b.meta_index(c, g));
       decode_affine<B>(stream, static_cast<std::size_t>(t), end - t, meta_to_float(p.scale),
                        meta_to_float(p.zero), out + c * stride + (t - row0));
       t = end;

@@ -3,12 +3,9 @@
 /// @brief The byte layout of one block of a stream: block_tokens rows of `width` numbers, the
 ///        contract between the cache, CPU attention and the CUDA kernels.
 ///
-/// Quantized block (the quantized-matrix layout of quant/matrix.hpp over [block_tokens, width]):
-///   [codes: lines * line_bytes][scales: lines * groups_per_line Meta][zeros: same]
-///   per-channel (groups along tokens): line c = channel c, block_tokens codes;
-///   per-token (groups along channels): line r = token row r, width codes (in permuted order
-///   with SKVQ channel groups).
-/// Exact block: [block_tokens][width] of the exact type, row-major.
+/// Quantized block: layout/block_layout.hpp (BlockLayout, the host-device contract of where its
+/// codes, scales and zero-points are). Exact block: [block_tokens][width] of the exact type,
+/// row-major.
 /// Every block is padded to kBlockAlignment bytes; the padding is part of the stream's memory.
 #pragma once
 
@@ -16,12 +13,10 @@
 
 #include "kvq/core/bits.hpp"
 #include "kvq/core/error.hpp"
+#include "kvq/layout/block_layout.hpp"
 #include "kvq/quant/matrix.hpp"
 
 namespace kvq {
-
-/// Blocks start and end on this many bytes (a cache line; the widest SIMD load).
-inline constexpr std::size_t kBlockAlignment = 64;
 
 /// Sizes and offsets of one stream block.
 struct StreamLayout {
@@ -31,8 +26,7 @@ struct StreamLayout {
   std::size_t exact_value_bytes = 0; ///< bytes per number of an exact stream
   MatrixQuantSpec spec{};            ///< quantized streams: bits, axis, group, clip, meta
   MatrixLayout matrix{};             ///< quantized streams: plan_matrix(block_tokens, width, spec)
-  std::size_t scales_offset = 0;     ///< quantized streams: byte offset of the scale array
-  std::size_t zeros_offset = 0;      ///< quantized streams: byte offset of the zero array
+  BlockLayout block{};               ///< quantized streams: where a block's codes and metadata are
   std::size_t block_bytes = 0;       ///< padded size of one block
 
   /// Stored bytes per number, padding included.
@@ -53,11 +47,8 @@ inline StreamLayout make_quantized_layout(index_t block_tokens, index_t width,
   l.spec = spec;
   l.spec.channel_groups = {};
   l.matrix = plan_matrix(block_tokens, width, spec);
-  l.scales_offset = l.matrix.code_bytes;
-  l.zeros_offset = l.scales_offset + l.matrix.meta_bytes;
-  l.block_bytes = static_cast<std::size_t>(ceil_div(static_cast<index_t>(l.matrix.total_bytes()),
-                                                    static_cast<index_t>(kBlockAlignment))) *
-                  kBlockAlignment;
+  l.block = make_block_layout(block_tokens, width, spec);
+  l.block_bytes = static_cast<std::size_t>(l.block.block_bytes);
   return l;
 }
 
