@@ -79,8 +79,8 @@ TEST_CASE("a calibrated SKVQ cache equals quantize_matrix on the (permuted) rows
     }
     const kvq::CacheCalibration given = cal;
     kvq::QuantizedKVCache<P> cache(cfg, cal);
-    REQUIRE(cache.key_layout().matrix.groups_per_line == groups);
-    REQUIRE(cache.value_layout().matrix.groups_per_line == groups);
+    REQUIRE(cache.key_layout().block.groups_per_line == groups);
+    REQUIRE(cache.value_layout().block.groups_per_line == groups);
 
     const kvq::SequenceId seq = cache.add_sequence();
     std::vector<std::vector<float>> keys(static_cast<std::size_t>(layers)), values(keys.size());
@@ -141,7 +141,7 @@ TEST_CASE("a calibrated SKVQ cache equals quantize_matrix on the (permuted) rows
 
         // Block by block: codes of each row line, then its scales and zeros.
         const kvq::StreamLayout& layout = *view.layout;
-        const std::size_t line = layout.matrix.line_bytes, meta = kvq::meta_bytes(spec.meta);
+        const std::size_t line = layout.block.line_bytes, meta = kvq::meta_bytes(spec.meta);
         REQUIRE(line == gathered.layout.line_bytes);
         index_t bad = -1;
         for (index_t r = 0; r < q && bad < 0; ++r) {

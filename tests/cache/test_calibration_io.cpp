@@ -117,7 +117,7 @@ TEST_CASE("a cache calibration round-trips through a calibration file", "[cache]
   keys_only.keys = loaded.keys;
   using Skvq = kvq::SkvqPolicy<kvq::Bits::k2, kvq::Bits::k2, 8, 4, 1>;  // 2 groups by default
   kvq::QuantizedKVCache<Skvq> cache(cfg, keys_only);
-  REQUIRE(cache.key_layout().matrix.groups_per_line == 3);
+  REQUIRE(cache.key_layout().block.groups_per_line == 3);
   REQUIRE(cache.key_transform(2).clip == c.keys[2].clip);
   std::remove(path.c_str());
 }

@@ -390,8 +390,8 @@ TEST_CASE("SKVQ channel groups: mixed group counts, bad permutation or boundarie
   five.boundaries = {0, 4, 8, 16, 24, 32};
   {
     kvq::QuantizedKVCache<P> c3(cfg, with({three, kvq::StreamCalibration{}}, {five, five}));
-    REQUIRE(c3.key_layout().matrix.groups_per_line == 3);
-    REQUIRE(c3.value_layout().matrix.groups_per_line == 5);
+    REQUIRE(c3.key_layout().block.groups_per_line == 3);
+    REQUIRE(c3.value_layout().block.groups_per_line == 5);
     REQUIRE(c3.key_transform(1).groups.boundaries.size() == 4);  // layer 1: 3 equal groups
   }
   // ... but is one per stream: layers that disagree are rejected.

@@ -11,6 +11,7 @@
 
 #include "kvq/cuda/status.cuh"
 #include "kvq/kvq.hpp"
+#include "cache_testing.hpp"
 #include "kvq_catch.hpp"
 #include "seeds.hpp"
 
@@ -100,17 +101,6 @@ void check_conversions(std::uint64_t seed) {
   }
 }
 
-template <kvq::Bits B, class Meta>
-kvq::MatrixQuantSpec spec_of(kvq::GroupAxis axis, kvq::index_t group, float clip) {
-  kvq::MatrixQuantSpec spec;
-  spec.bits = B;
-  spec.axis = axis;
-  spec.group_size = group;
-  spec.clip = clip;
-  spec.meta = kvq::meta_format_of_v<Meta>;
-  return spec;
-}
-
 // One thread per line: quantizes every group of its line into the line's packed stream (lines
 // start on byte boundaries, so threads never share a byte).
 template <kvq::Bits B, class Meta>
@@ -138,7 +128,7 @@ void check_quantize(kvq::Rng& rng, kvq::GroupAxis axis, kvq::index_t group) {
   const kvq::index_t channels = axis == kvq::GroupAxis::kChannels ? group * 3 : 53;
   std::vector<float> x(static_cast<std::size_t>(tokens * channels));
   for (auto& v : x) v = 3.0f * rng.normal() + (rng.below(50) == 0 ? 40.0f : 0.0f);
-  const kvq::MatrixQuantSpec spec = spec_of<B, Meta>(axis, group, 0.96f);
+  const kvq::MatrixQuantSpec spec = kvq_test::make_spec(B, axis, group, 0.96f, kvq::meta_format_of_v<Meta>);
   const auto layout = kvq::plan_matrix(tokens, channels, spec);
   std::vector<std::uint8_t> codes(layout.code_bytes, 0), scales(layout.meta_bytes), zeros(layout.meta_bytes);
   kvq::quantize_matrix(kvq::StridedView<const float, 2>(x.data(), {tokens, channels}), spec,
@@ -202,7 +192,7 @@ __global__ void encode_block_kernel(kvq::BlockLayout layout, const float* rows, 
 template <kvq::Bits B, class Meta>
 void check_block_encode(kvq::Rng& rng, kvq::GroupAxis axis, kvq::index_t group) {
   const kvq::index_t block_tokens = 128, width = 1024;  // 8 kv heads x 128
-  const kvq::MatrixQuantSpec spec = spec_of<B, Meta>(axis, group, 1.0f);
+  const kvq::MatrixQuantSpec spec = kvq_test::make_spec(B, axis, group, 1.0f, kvq::meta_format_of_v<Meta>);
   const kvq::StreamLayout l = kvq::make_quantized_layout(block_tokens, width, spec);
   std::vector<float> x(static_cast<std::size_t>(block_tokens * width));
   for (auto& v : x) v = 2.0f * rng.normal() + (rng.below(40) == 0 ? 25.0f : 0.0f);

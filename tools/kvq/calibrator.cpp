@@ -128,6 +128,7 @@ CalibrationRun Calibrator::compute(const std::string& policy) {
   CalibrationRun run;
   run.policy = policy;
   run.label = c.label;
+  run.factors = c.factors;
   run.layers = c.layers;
   run.calibration = std::move(c.calibration);
   run.info.policy = policy;
@@ -145,6 +146,7 @@ kvq::CalibrationFile Calibrator::file_of(const CalibrationRun& run) const {
   c.calibration = run.calibration;
   c.layers = run.layers;
   c.label = run.label;
+  c.factors = run.factors;
   std::vector<std::pair<std::string, std::string>> prov = run.info.provenance;
   prov.erase(std::remove_if(prov.begin(), prov.end(), [](const auto& kv) { return kv.first == "calibration"; }), prov.end());
   return kvq::llm::calibration_file(c, model_.model.config, kvq::llm::describe_policy(run.policy), std::move(prov));

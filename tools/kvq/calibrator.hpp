@@ -42,6 +42,7 @@ struct CalibrationRun {
   bool cached = false;                     ///< read from the cache directory
   std::vector<kvq::llm::LayerReport> layers;  ///< computed runs only
   std::string label;                       ///< e.g. "cross-head reorder, clip search"
+  kvq::calib::FactorMethod factors = kvq::calib::FactorMethod::kRefit;  ///< CSKV, computed runs: the factors held
 };
 
 /// $KVQ_MODEL_CACHE/calib, else $XDG_CACHE_HOME/kvq/calib, else ~/.cache/kvq/calib.

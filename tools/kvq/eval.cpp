@@ -157,9 +157,8 @@ std::vector<std::string> calibration_error_lines(const std::vector<Row>& rows) {
       const std::string k = layer_summary(file, "key_attention_error"), v = layer_summary(file, "value_attention_error");
       if (!k.empty() && !v.empty()) text = "attention-output error, keys alone " + k + "; values alone " + v;
     } else if (method != nullptr && *method == "cskv") {
-      const std::string label = row.calib.substr(0, row.calib.find(' '));  // "refit factors" -> "refit"
-      const std::string k = layer_summary(file, "key_activation_error_" + label);
-      const std::string v = layer_summary(file, "value_activation_error_" + label);
+      const std::string k = layer_summary(file, "key_activation_error");
+      const std::string v = layer_summary(file, "value_activation_error");
       if (!k.empty() && !v.empty()) text = "|XW - XWAB| / |XW| lost by the rank, keys " + k + "; values " + v;
     }
     if (!text.empty()) lines.push_back(fmt::format("  {:<26} {:<32} {}", row.policy, row.calib, text));

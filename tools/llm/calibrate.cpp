@@ -166,6 +166,11 @@ kvq::CalibrationFile calibration_file(const PolicyCalibration& c, const ModelCon
       add(std::string("key_weight_error_") + names[m], [m](const LayerReport& r) { return r.key_factor[m].weight_relative; });
       add(std::string("value_weight_error_") + names[m], [m](const LayerReport& r) { return r.value_factor[m].weight_relative; });
     }
+    // The errors of the factors the file holds (one of the three above; FactorMethod's values
+    // are their indices, as in calibrate_cskv).
+    const int held = static_cast<int>(c.factors);
+    add("key_activation_error", [held](const LayerReport& r) { return r.key_factor[held].activation_relative; });
+    add("value_activation_error", [held](const LayerReport& r) { return r.value_factor[held].activation_relative; });
   }
   return kvq::make_calibration_file(info, c.calibration, std::move(report));
 }

@@ -140,6 +140,7 @@ struct PolicyCalibration {
   kvq::CacheCalibration calibration;
   std::vector<LayerReport> layers;
   std::string label;  ///< what was done, e.g. "cross-head reorder, clip search"
+  kvq::calib::FactorMethod factors = kvq::calib::FactorMethod::kRefit;  ///< CSKV: the method of the factors held
 };
 
 /// SKVQ: channel groups per layer (k-means of the channel ranges) and clip ratios (fixed or

@@ -23,6 +23,7 @@ PolicyCalibration calibrate_cskv(const Model& model, const CalibrationData& data
   const int layers = c.num_layers;
   PolicyCalibration out;
   out.label = options.label();
+  out.factors = options.method;
   out.calibration.keys.resize(static_cast<std::size_t>(layers));
   out.calibration.values.resize(static_cast<std::size_t>(layers));
   out.layers.resize(static_cast<std::size_t>(layers));

@@ -8,7 +8,7 @@
 /// A block holds block_tokens token rows of one layer, `width` numbers per row (all kv heads:
 /// num_kv_heads * head_dim, or the latent rank for CSKV), as
 ///
-///   [codes: lines x line_bytes][scales: lines x groups_per_line x meta_size][zeros: the same][padding]
+///   [codes: lines x line_bytes][scales: lines x groups_per_line metadata values][zeros: the same][padding]
 ///
 /// - per-channel streams (GroupAxis::kTokens, groups along tokens): line c = channel c holds the
 ///   block's block_tokens codes of that channel; group g = tokens [g * group_size, (g+1) * group_size);
@@ -48,7 +48,6 @@ struct BlockLayout {
   index_t groups_per_line = 0;  ///< metadata pairs per line
   index_t group_size = 0;       ///< uniform groups (per-channel streams; per-token without channel groups)
   std::uint32_t line_bytes = 0; ///< packed bytes of one line
-  std::uint32_t meta_size = 0;  ///< bytes of one scale (or zero-point)
   std::uint64_t scales_offset = 0;
   std::uint64_t zeros_offset = 0;
   std::uint64_t block_bytes = 0;  ///< padded size of one block
@@ -106,7 +105,6 @@ inline BlockLayout make_block_layout(index_t block_tokens, index_t width, const 
   b.groups_per_line = m.groups_per_line;
   b.group_size = spec.channel_groups.empty() ? spec.group_size : 0;
   b.line_bytes = static_cast<std::uint32_t>(m.line_bytes);
-  b.meta_size = static_cast<std::uint32_t>(meta_bytes(spec.meta));
   b.scales_offset = m.code_bytes;
   b.zeros_offset = m.code_bytes + m.meta_bytes;
   b.block_bytes = (static_cast<std::uint64_t>(m.total_bytes()) + kBlockAlignment - 1) / kBlockAlignment * kBlockAlignment;

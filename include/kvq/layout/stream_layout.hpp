@@ -25,7 +25,6 @@ struct StreamLayout {
   index_t width = 0;                 ///< numbers per token row
   std::size_t exact_value_bytes = 0; ///< bytes per number of an exact stream
   MatrixQuantSpec spec{};            ///< quantized streams: bits, axis, group, clip, meta
-  MatrixLayout matrix{};             ///< quantized streams: plan_matrix(block_tokens, width, spec)
   BlockLayout block{};               ///< quantized streams: where a block's codes and metadata are
   std::size_t block_bytes = 0;       ///< padded size of one block
 
@@ -46,7 +45,6 @@ inline StreamLayout make_quantized_layout(index_t block_tokens, index_t width,
   l.width = width;
   l.spec = spec;
   l.spec.channel_groups = {};
-  l.matrix = plan_matrix(block_tokens, width, spec);
   l.block = make_block_layout(block_tokens, width, spec);
   l.block_bytes = static_cast<std::size_t>(l.block.block_bytes);
   return l;
