@@ -139,7 +139,7 @@ TEST_CASE("a calibrated SKVQ cache equals quantize_matrix on the (permuted) rows
         REQUIRE(gathered.scales == direct.scales);
         REQUIRE(gathered.zeros == direct.zeros);
 
-        // Block by block: codes of each row line, then its scales and zeros.
+        // Block by block: codes of each row line, then its scales and zeros (BlockLayout::meta_index).
         const kvq::StreamLayout& layout = *view.layout;
         const std::size_t line = layout.block.line_bytes, meta = kvq::meta_bytes(spec.meta);
         REQUIRE(line == gathered.layout.line_bytes);
@@ -147,11 +147,14 @@ TEST_CASE("a calibrated SKVQ cache equals quantize_matrix on the (permuted) rows
         for (index_t r = 0; r < q && bad < 0; ++r) {
           const std::uint8_t* block = view.pool->data(view.blocks[r / layout.block_tokens]);
           const index_t row = r % layout.block_tokens;
-          const std::size_t m = static_cast<std::size_t>(groups) * meta;
-          const bool same =
-              std::memcmp(block + static_cast<std::size_t>(row) * line, gathered.codes.data() + static_cast<std::size_t>(r) * line, line) == 0 &&
-              std::memcmp(layout.block.scales(block) + static_cast<std::size_t>(row) * m, gathered.scales.data() + static_cast<std::size_t>(r) * m, m) == 0 &&
-              std::memcmp(layout.block.zeros(block) + static_cast<std::size_t>(row) * m, gathered.zeros.data() + static_cast<std::size_t>(r) * m, m) == 0;
+          bool same = std::memcmp(block + static_cast<std::size_t>(row) * line,
+                                  gathered.codes.data() + static_cast<std::size_t>(r) * line, line) == 0;
+          for (index_t g = 0; g < groups; ++g) {
+            const std::size_t at = layout.block.meta_index(row, g) * meta;
+            const std::size_t want = static_cast<std::size_t>(r * groups + g) * meta;
+            same = same && std::memcmp(layout.block.scales(block) + at, gathered.scales.data() + want, meta) == 0 &&
+                   std::memcmp(layout.block.zeros(block) + at, gathered.zeros.data() + want, meta) == 0;
+          }
           if (!same) bad = r;
         }
         CAPTURE(q, bad);

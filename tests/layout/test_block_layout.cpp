@@ -57,7 +57,7 @@ void check_block(kvq::Rng& rng, kvq::GroupAxis axis, index_t group, index_t bloc
                         m.line_bytes) == 0);
     for (index_t g = 0; g < b.groups_per_line; ++g) {
       const kvq::GroupParams<Meta> p = b.load_group<Meta>(block.data(), line, g);
-      const std::size_t at = b.meta_index(line, g) * sizeof(Meta);
+      const std::size_t at = static_cast<std::size_t>(line * m.groups_per_line + g) * sizeof(Meta);  // matrix: line-major
       REQUIRE(std::memcmp(&p.scale, scales.data() + at, sizeof(Meta)) == 0);
       REQUIRE(std::memcmp(&p.zero, zeros.data() + at, sizeof(Meta)) == 0);
     }

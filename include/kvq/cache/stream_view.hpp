@@ -30,10 +30,10 @@ void exact_rows_to_float(const E* rows, index_t n, index_t w, float* out, index_
     for (index_t r = 0; r < n; ++r) {
       half_to_float(reinterpret_cast<const std::uint16_t*>(rows + r * w), w, out + r * stride);
     }
-    return;
-  }
-  for (index_t r = 0; r < n; ++r) {
-    for (index_t c = 0; c < w; ++c) out[r * stride + c] = to_float(rows[r * w + c]);
+  } else {
+    for (index_t r = 0; r < n; ++r) {
+      for (index_t c = 0; c < w; ++c) out[r * stride + c] = to_float(rows[r * w + c]);
+    }
   }
 }
 

@@ -62,7 +62,7 @@ Status encode_rows_as(const StreamLayout& l, const ChannelGroups& groups, float 
       const index_t line = row0 + r;
       index_t g = 0;
       const Status s = detail::quantize_token_line<B, Meta>(x, r, spec, b.groups_per_line, b.line_codes(block, line),
-                                                            scales, zeros, b.meta_index(line, 0), &g);
+                                                            scales, zeros, b.meta_index(line, 0), b.meta_group_stride, &g);
       if (s != Status::kOk) {
         *failure = {line, detail::group_span(spec, g).start};
         return s;
@@ -101,7 +101,7 @@ Status plan_token_rows_as(const StreamLayout& l, const ChannelGroups& groups, fl
   for (index_t r = 0; r < n; ++r) {
     index_t g = 0;
     const Status s = detail::quantize_token_line<B, Meta>(x, r, spec, l.block.groups_per_line, nullptr, nullptr,
-                                                          nullptr, 0, &g);
+                                                          nullptr, 0, 0, &g);
     if (s != Status::kOk) {
       *failure = {r, detail::group_span(spec, g).start};
       return s;
@@ -260,10 +260,10 @@ void decode_exact_rows(const StreamLayout& l, const std::uint8_t* block, index_t
     for (index_t r = 0; r < n; ++r) {
       half_to_float(reinterpret_cast<const std::uint16_t*>(src + r * l.width), l.width, out + r * stride);
     }
-    return;
-  }
-  for (index_t r = 0; r < n; ++r) {
-    for (index_t c = 0; c < l.width; ++c) out[r * stride + c] = to_float(src[r * l.width + c]);
+  } else {
+    for (index_t r = 0; r < n; ++r) {
+      for (index_t c = 0; c < l.width; ++c) out[r * stride + c] = to_float(src[r * l.width + c]);
+    }
   }
 }
 

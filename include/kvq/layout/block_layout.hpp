@@ -17,7 +17,11 @@
 ///
 /// Codes are packed LSB-first within a line (quant/pack.hpp), lines start on byte boundaries;
 /// scales and zeros are raw little-endian metadata values (fp16, bf16 or FP8 E4M3), index
-/// meta_index(line, g). The block's size is padded to kBlockAlignment bytes.
+/// meta_index(line, g):
+/// - per-channel streams: line-major, [lines][groups_per_line] (a kv head's channels are one run);
+/// - per-token streams: group-major, [groups_per_line][lines] (one group's scales over the
+///   block's tokens are one run, so a kv head's metadata is contiguous for the GPU's copies).
+/// The block's size is padded to kBlockAlignment bytes.
 #pragma once
 
 #include <cstddef>
@@ -48,6 +52,8 @@ struct BlockLayout {
   index_t groups_per_line = 0;  ///< metadata pairs per line
   index_t group_size = 0;       ///< uniform groups (per-channel streams; per-token without channel groups)
   std::uint32_t line_bytes = 0; ///< packed bytes of one line
+  std::uint32_t meta_line_stride = 0;   ///< metadata values between lines (per-channel: groups_per_line, per-token: 1)
+  std::uint32_t meta_group_stride = 0;  ///< metadata values between groups of a line (per-channel: 1, per-token: lines)
   std::uint64_t scales_offset = 0;
   std::uint64_t zeros_offset = 0;
   std::uint64_t block_bytes = 0;  ///< padded size of one block
@@ -66,7 +72,7 @@ struct BlockLayout {
   KVQ_HOST_DEVICE const std::uint8_t* zeros(const std::uint8_t* block) const noexcept { return block + zeros_offset; }
   /// Index of group g of `line` in the scale and zero arrays (in metadata values, not bytes).
   KVQ_HOST_DEVICE std::size_t meta_index(index_t line, index_t group) const noexcept {
-    return static_cast<std::size_t>(line) * static_cast<std::size_t>(groups_per_line) + static_cast<std::size_t>(group);
+    return static_cast<std::size_t>(line) * meta_line_stride + static_cast<std::size_t>(group) * meta_group_stride;
   }
   /// The scale and zero-point of group g of `line`, in the metadata type Meta of the stream
   /// (raw bytes: the arrays need no alignment).
@@ -105,6 +111,9 @@ inline BlockLayout make_block_layout(index_t block_tokens, index_t width, const 
   b.groups_per_line = m.groups_per_line;
   b.group_size = spec.channel_groups.empty() ? spec.group_size : 0;
   b.line_bytes = static_cast<std::uint32_t>(m.line_bytes);
+  const bool per_token = spec.axis == GroupAxis::kChannels;
+  b.meta_line_stride = static_cast<std::uint32_t>(per_token ? 1 : m.groups_per_line);
+  b.meta_group_stride = static_cast<std::uint32_t>(per_token ? m.lines : 1);
   b.scales_offset = m.code_bytes;
   b.zeros_offset = m.code_bytes + m.meta_bytes;
   b.block_bytes = (static_cast<std::uint64_t>(m.total_bytes()) + kBlockAlignment - 1) / kBlockAlignment * kBlockAlignment;

@@ -309,7 +309,7 @@ void with_group_storer(StridedView<T, 2> y, const MatrixQuantSpec& spec, index_t
 
 /// Quantizes the groups of line `row` of a per-token (GroupAxis::kChannels) matrix x, group g
 /// covering group_span(spec, g), into the line's packed codes `line_codes` and the parameters at
-/// index meta_index + g of `scales` / `zeros`. With line_codes == nullptr nothing is written:
+/// index meta_index + g * meta_stride of `scales` / `zeros`. With line_codes == nullptr nothing is written:
 /// the groups are only planned (validated). Returns kOk, or the first failing group's status
 /// with its index in *failed_group (nothing of that group or later ones is written).
 /// The one per-token group loop: quantize_matrix, the cache's block encoder and its append-time
@@ -317,7 +317,8 @@ void with_group_storer(StridedView<T, 2> y, const MatrixQuantSpec& spec, index_t
 template <Bits B, class Meta, class T>
 Status quantize_token_line(StridedView<const T, 2> x, index_t row, const MatrixQuantSpec& spec,
                            index_t groups_per_line, std::uint8_t* line_codes, std::uint8_t* scales,
-                           std::uint8_t* zeros, std::size_t meta_index, index_t* failed_group) {
+                           std::uint8_t* zeros, std::size_t meta_index, std::size_t meta_stride,
+                           index_t* failed_group) {
   for (index_t g = 0; g < groups_per_line; ++g) {
     const GroupSpan span = group_span(spec, g);
     const Status s = with_group_loader<T>(x, spec, row, span, [&](const auto& load) {
@@ -328,7 +329,7 @@ Status quantize_token_line(StridedView<const T, 2> x, index_t row, const MatrixQ
       }
       const Status q = quantize_group<B>(load, span.length, spec.clip, line_codes,
                                          static_cast<std::size_t>(span.start), &p);
-      if (q == Status::kOk) store_params(scales, zeros, meta_index + static_cast<std::size_t>(g), p);
+      if (q == Status::kOk) store_params(scales, zeros, meta_index + static_cast<std::size_t>(g) * meta_stride, p);
       return q;
     });
     if (s != Status::kOk) {
@@ -397,7 +398,7 @@ void quantize_matrix(StridedView<const T, 2> x, const MatrixQuantSpec& spec,
           const Status s = detail::quantize_token_line<B, Meta>(
               x, line, spec, layout.groups_per_line,
               pass == 0 ? nullptr : out.codes.data() + static_cast<std::size_t>(line) * layout.line_bytes,
-              out.scales.data(), out.zeros.data(), static_cast<std::size_t>(line * layout.groups_per_line), &g);
+              out.scales.data(), out.zeros.data(), static_cast<std::size_t>(line * layout.groups_per_line), 1, &g);
           if (s != Status::kOk) {
             const detail::GroupSpan span = detail::group_span(spec, g);
             detail::with_group_loader<T>(x, spec, line, span, [&](const auto& load) {

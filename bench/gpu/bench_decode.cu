@@ -1,0 +1,351 @@
+// SPDX-License-Identifier: Apache-2.0
+// kvq's GPU decode attention on the shapes of issue #10's targets, on synthetic device caches
+// (random codes, valid fp16 metadata, an fp16 window of 128 tokens, block ids scattered over the
+// pool as a paged cache has them). Prints one line per case and writes JSON for
+// bench/gpu/report.py, which joins it with sdpa_baseline.py's JSON into the results table.
+//
+//   kvq_bench_decode [--json FILE] [--quick]
+//
+// Timing: CUDA events around each launch, the L2 flushed before each (a 512 MiB memset), median
+// of 30; cases marked graph replay one captured launch 500 times back to back (warm L2, as
+// triton's do_bench_cudagraph does on the PyTorch side) and report the mean. Bytes are what the
+// kernel reads of the cache: every staged block part plus the window rows.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kvq/cuda/decode_attention.cuh"
+#include "kvq/kvq.hpp"
+
+namespace {
+
+#define KVQ_CHECK(x)                                                                      \
+  do {                                                                                    \
+    const cudaError_t e_ = (x);                                                           \
+    if (e_ != cudaSuccess) {                                                              \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                       \
+    }                                                                                     \
+  } while (0)
+
+__device__ std::uint32_t hash32(std::uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return static_cast<std::uint32_t>(x);
+}
+
+/// Fills blocks: random code bytes, scales in [0.01, 0.05], zero-points in [-0.5, 0] (quantized
+/// layouts), or fp16 numbers in [-1, 1] (exact blocks, window rows).
+__global__ void fill_kernel(std::uint8_t* pool, std::uint64_t bytes, std::uint64_t block_bytes, std::uint64_t scales,
+                            std::uint64_t zeros, std::uint64_t used, bool quantized, std::uint64_t seed) {
+  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x * 2;
+  for (std::uint64_t i = (static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 2; i < bytes; i += stride) {
+    const std::uint64_t at = i % block_bytes;
+    const std::uint32_t h = hash32(seed * 0x9E3779B97F4A7C15ULL + i);
+    const float u = static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+    __half value;
+    if (!quantized) {
+      value = __float2half_rn(2.0f * u - 1.0f);
+    } else if (at < scales || at >= used) {
+      pool[i] = static_cast<std::uint8_t>(h);
+      pool[i + 1] = static_cast<std::uint8_t>(h >> 8);
+      continue;
+    } else if (at < zeros) {
+      value = __float2half_rn(0.01f + 0.04f * u);
+    } else {
+      value = __float2half_rn(-0.5f * u);
+    }
+    std::memcpy(pool + i, &value, 2);
+  }
+}
+
+struct Case {
+  std::string name;      // kvq case
+  std::string baseline;  // sdpa_baseline.py case of the same shape
+  std::string policy;
+  int batch, hq, hkv, dim, tokens;
+  bool graph;
+};
+
+struct Result {
+  Case c;
+  double us = 0;
+  double bytes = 0;
+  int splits = 0;
+};
+
+template <class Policy>
+Result run_case(const Case& c, int sms, void* flush, std::size_t flush_bytes) {
+  using Cache = kvq::QuantizedKVCache<Policy>;
+  kvq::CacheConfig cfg;
+  cfg.num_layers = 1;
+  cfg.num_kv_heads = c.hkv;
+  cfg.head_dim = c.dim;
+  cfg.num_blocks = 1;
+  const Cache shape(cfg);  // the block layouts of this config (a one-block cache)
+  const kvq::StreamLayout& kl = shape.key_layout();
+  const kvq::StreamLayout& vl = shape.value_layout();
+  const int bt = Cache::block_tokens;
+  const bool kivi = kl.quantized;
+  const int window = kivi ? 128 : 0;
+  const int stored = c.tokens - window;  // tokens in blocks, both streams
+  const int per_seq = (stored + bt - 1) / bt;
+  const std::int64_t blocks = static_cast<std::int64_t>(per_seq) * c.batch;
+
+  std::uint8_t *kpool, *vpool, *exact;
+  KVQ_CHECK(cudaMalloc(&kpool, static_cast<std::size_t>(blocks) * kl.block_bytes));
+  KVQ_CHECK(cudaMalloc(&vpool, static_cast<std::size_t>(blocks) * vl.block_bytes));
+  const std::size_t row = static_cast<std::size_t>(c.hkv) * c.dim * 2;
+  const int kring = Policy::KeyWindow::window_capacity, vring = Policy::ValueWindow::window_capacity;
+  const std::size_t exact_stride = row * static_cast<std::size_t>(kring + vring);
+  KVQ_CHECK(cudaMalloc(&exact, std::max<std::size_t>(1, exact_stride * c.batch)));
+  fill_kernel<<<1024, 256>>>(kpool, blocks * kl.block_bytes, kl.block_bytes, kl.block.scales_offset, kl.block.zeros_offset,
+                             kl.block.used_bytes(), kivi, 1);
+  fill_kernel<<<1024, 256>>>(vpool, blocks * vl.block_bytes, vl.block_bytes, vl.block.scales_offset, vl.block.zeros_offset,
+                             vl.block.used_bytes(), kivi, 2);
+  if (exact_stride) fill_kernel<<<256, 256>>>(exact, exact_stride * c.batch, exact_stride, 0, 0, 0, false, 3);
+  KVQ_CHECK(cudaGetLastError());
+
+  // Block ids scattered over the pool (a stride coprime with the pool size).
+  std::vector<std::int32_t> table(static_cast<std::size_t>(blocks));
+  std::int64_t step = 7919;
+  while (std::__gcd<std::int64_t>(step, blocks) != 1) ++step;
+  for (std::int64_t i = 0; i < blocks; ++i) table[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * step) % blocks);
+  std::vector<std::int32_t> lengths(c.batch, c.tokens), quantized(c.batch, stored);
+  std::int32_t *dtable, *dlen, *dq;
+  KVQ_CHECK(cudaMalloc(&dtable, table.size() * 4));
+  KVQ_CHECK(cudaMalloc(&dlen, c.batch * 4));
+  KVQ_CHECK(cudaMalloc(&dq, c.batch * 4));
+  KVQ_CHECK(cudaMemcpy(dtable, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  KVQ_CHECK(cudaMemcpy(dlen, lengths.data(), c.batch * 4, cudaMemcpyHostToDevice));
+  KVQ_CHECK(cudaMemcpy(dq, quantized.data(), c.batch * 4, cudaMemcpyHostToDevice));
+
+  kvq::PagedKVParams kv;
+  auto stream = [&](kvq::PagedStream& s, const kvq::StreamLayout& l, std::uint8_t* pool, std::size_t ring_offset, int ring) {
+    s.pool = pool;
+    s.block_bytes = l.block_bytes;
+    s.block = l.block;
+    s.quantized = l.quantized;
+    s.block_tokens = bt;
+    s.width = static_cast<std::int32_t>(l.width);
+    s.block_table = dtable;
+    s.max_blocks = per_seq;
+    s.quantized_tokens = dq;
+    s.exact = exact;
+    s.exact_stride = exact_stride;
+    s.ring_offset = ring_offset;
+    s.ring_capacity = std::max(ring, 1);
+  };
+  stream(kv.keys, kl, kpool, 0, kring);
+  stream(kv.values, vl, vpool, row * static_cast<std::size_t>(kring), vring);
+  kv.lengths = dlen;
+  kv.num_kv_heads = c.hkv;
+  kv.head_dim = c.dim;
+  kv.exact_bytes = 2;
+
+  using TQ = typename kvq::cuda::detail::DecodeKernelOf<Policy>::exact;
+  const std::size_t qn = static_cast<std::size_t>(c.batch) * c.hq * c.dim;
+  void *q, *out;
+  KVQ_CHECK(cudaMalloc(&q, qn * 2));
+  KVQ_CHECK(cudaMalloc(&out, qn * 2));
+  fill_kernel<<<64, 256>>>(static_cast<std::uint8_t*>(q), qn * 2, qn * 2, 0, 0, 0, false, 4);
+
+  kvq::cuda::DecodeAttentionArgs a;
+  a.kv = kv;
+  a.q = q;
+  a.out = out;
+  a.batch = c.batch;
+  a.num_q_heads = c.hq;
+  a.num_splits = kvq::cuda::decode_splits(c.batch, c.hkv, per_seq, sms);
+  a.workspace_bytes = kvq::cuda::decode_workspace_bytes<Policy>(c.batch, c.hq, c.hkv, c.dim, a.num_splits);
+  KVQ_CHECK(cudaMalloc(&a.workspace, a.workspace_bytes));
+  KVQ_CHECK(cudaMemset(a.workspace, 0, a.workspace_bytes));
+  const std::string why = kvq::cuda::decode_check<Policy, TQ>(a);
+  if (!why.empty()) {
+    std::fprintf(stderr, "%s: %s\n", c.name.c_str(), why.c_str());
+    std::exit(1);
+  }
+
+  cudaStream_t s;
+  KVQ_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  KVQ_CHECK(cudaEventCreate(&e0));
+  KVQ_CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; ++i) {
+    if (kvq::cuda::decode_attention<Policy, TQ>(a, s) != kvq::Status::kOk) std::exit(1);
+  }
+  KVQ_CHECK(cudaStreamSynchronize(s));
+  Result r;
+  r.c = c;
+  r.splits = a.num_splits;
+  if (c.graph) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    KVQ_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    if (kvq::cuda::decode_attention<Policy, TQ>(a, s) != kvq::Status::kOk) std::exit(1);
+    KVQ_CHECK(cudaStreamEndCapture(s, &graph));
+    KVQ_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int i = 0; i < 20; ++i) KVQ_CHECK(cudaGraphLaunch(exec, s));
+    constexpr int reps = 500;
+    KVQ_CHECK(cudaEventRecord(e0, s));
+    for (int i = 0; i < reps; ++i) KVQ_CHECK(cudaGraphLaunch(exec, s));
+    KVQ_CHECK(cudaEventRecord(e1, s));
+    KVQ_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    KVQ_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    r.us = 1e3 * ms / reps;
+    KVQ_CHECK(cudaGraphExecDestroy(exec));
+    KVQ_CHECK(cudaGraphDestroy(graph));
+  } else {
+    std::vector<float> times;
+    for (int i = 0; i < 30; ++i) {
+      KVQ_CHECK(cudaMemsetAsync(flush, i, flush_bytes, s));
+      KVQ_CHECK(cudaEventRecord(e0, s));
+      if (kvq::cuda::decode_attention<Policy, TQ>(a, s) != kvq::Status::kOk) std::exit(1);
+      KVQ_CHECK(cudaEventRecord(e1, s));
+      KVQ_CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      KVQ_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      times.push_back(ms);
+    }
+    std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+    r.us = 1e3 * times[times.size() / 2];
+  }
+  KVQ_CHECK(cudaGetLastError());
+  // Bytes read: each kv head's part of every block it streams, the window rows, q and out.
+  double per_block;
+  if (kivi) {
+    per_block = static_cast<double>(kl.block.used_bytes() + vl.block.used_bytes()) / c.hkv;
+  } else {
+    per_block = 2.0 * bt * c.dim * 2;
+  }
+  r.bytes = static_cast<double>(c.batch) * c.hkv * (per_seq * per_block + 2.0 * window * c.dim * 2) + 2.0 * qn * 2;
+  cudaFree(kpool);
+  cudaFree(vpool);
+  cudaFree(exact);
+  cudaFree(dtable);
+  cudaFree(dlen);
+  cudaFree(dq);
+  cudaFree(q);
+  cudaFree(out);
+  cudaFree(a.workspace);
+  cudaStreamDestroy(s);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return r;
+}
+
+double copy_bandwidth(void* a, void* b, std::size_t bytes) {
+  cudaEvent_t e0, e1;
+  KVQ_CHECK(cudaEventCreate(&e0));
+  KVQ_CHECK(cudaEventCreate(&e1));
+  std::vector<float> times;
+  for (int i = 0; i < 20; ++i) {
+    KVQ_CHECK(cudaEventRecord(e0));
+    KVQ_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    KVQ_CHECK(cudaEventRecord(e1));
+    KVQ_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    KVQ_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    times.push_back(ms);
+  }
+  std::nth_element(times.begin(), times.begin() + 10, times.end());
+  return 2.0 * static_cast<double>(bytes) / (times[10] * 1e-3);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* json = nullptr;
+  bool quick = false;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
+      json = argv[++i];
+    } else if (!std::strcmp(argv[i], "--quick")) {
+      quick = true;
+    } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
+      only = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--json FILE] [--quick] [--only SUBSTRING]\n", argv[0]);
+      return 2;
+    }
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return 77;
+  }
+  cudaDeviceProp props{};
+  KVQ_CHECK(cudaGetDeviceProperties(&props, 0));
+  const std::size_t flush_bytes = 512u << 20;
+  void *flush, *flush2;
+  KVQ_CHECK(cudaMalloc(&flush, flush_bytes));
+  KVQ_CHECK(cudaMalloc(&flush2, flush_bytes));
+  const double copy = copy_bandwidth(flush, flush2, flush_bytes);
+  cudaFree(flush2);
+
+  using Kivi2g128 = kvq::KiviPolicy<kvq::Bits::k2, kvq::Bits::k2, 128, 128>;
+  using Kivi2g32 = kvq::KiviPolicy<kvq::Bits::k2, kvq::Bits::k2, 32, 128>;
+  using Kivi4g128 = kvq::KiviPolicy<kvq::Bits::k4, kvq::Bits::k4, 128, 128>;
+  using Fp16 = kvq::Fp16Policy<kvq::Float16>;
+  using Bf16 = kvq::Fp16Policy<kvq::BFloat16>;
+  const std::vector<Case> cases = {
+      {"kivi2-g128/b1-128k", "llama8b-b1-128k", "kivi2g128", 1, 32, 8, 128, 131072, false},
+      {"kivi2-g128/b1-1m", "llama8b-b1-1m", "kivi2g128", 1, 32, 8, 128, 1048576, false},
+      {"kivi2-g32/b1-128k", "llama8b-b1-128k", "kivi2g32", 1, 32, 8, 128, 131072, false},
+      {"kivi2-g128/b8-32k", "llama8b-b8-32k", "kivi2g128", 8, 32, 8, 128, 32768, false},
+      {"kivi2-g128/mha-b1-64k", "mha-b1-64k", "kivi2g128", 1, 32, 32, 128, 65536, false},
+      {"kivi4-g128/b1-128k", "llama8b-b1-128k", "kivi4g128", 1, 32, 8, 128, 131072, false},
+      {"kivi2-g128/b1-4k-graph", "llama8b-b1-4k-graph", "kivi2g128", 1, 32, 8, 128, 4096, true},
+      {"kivi2-g32/smollm2-b64-2k", "smollm2-b64-2k", "kivi2g32", 64, 9, 3, 64, 2048, false},
+      {"kivi2-g32/smollm2-b64-2k-graph", "smollm2-b64-2k-graph", "kivi2g32", 64, 9, 3, 64, 2048, true},
+      {"fp16/b1-128k", "llama8b-b1-128k", "fp16", 1, 32, 8, 128, 131072, false},
+      {"bf16/b1-128k", "llama8b-b1-128k-bf16", "bf16", 1, 32, 8, 128, 131072, false},
+      {"fp16/b8-32k", "llama8b-b8-32k", "fp16", 8, 32, 8, 128, 32768, false},
+  };
+  std::printf("%s, %d SMs; copy bandwidth (read + write) %.2f TB/s\n", props.name, props.multiProcessorCount, copy / 1e12);
+  std::printf("%-34s %7s %9s %9s %8s %7s\n", "case", "splits", "kvq us", "MB read", "TB/s", "% copy");
+  std::vector<Result> results;
+  for (Case c : cases) {
+    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
+    if (quick) c.tokens = std::min(c.tokens, 8192);
+    Result r;
+    if (c.policy == "kivi2g128") r = run_case<Kivi2g128>(c, props.multiProcessorCount, flush, flush_bytes);
+    if (c.policy == "kivi2g32") r = run_case<Kivi2g32>(c, props.multiProcessorCount, flush, flush_bytes);
+    if (c.policy == "kivi4g128") r = run_case<Kivi4g128>(c, props.multiProcessorCount, flush, flush_bytes);
+    if (c.policy == "fp16") r = run_case<Fp16>(c, props.multiProcessorCount, flush, flush_bytes);
+    if (c.policy == "bf16") r = run_case<Bf16>(c, props.multiProcessorCount, flush, flush_bytes);
+    const double tbs = r.bytes / (r.us * 1e-6) / 1e12;
+    std::printf("%-34s %7d %9.1f %9.1f %8.2f %6.0f%%\n", c.name.c_str(), r.splits, r.us, r.bytes / 1e6, tbs,
+                100.0 * tbs * 1e12 / copy);
+    std::fflush(stdout);
+    results.push_back(r);
+  }
+  if (json) {
+    FILE* f = std::fopen(json, "w");
+    if (!f) return 1;
+    std::fprintf(f, "{\"device\": \"%s\", \"sms\": %d, \"copy_bytes_per_second\": %.6g, \"cases\": [\n", props.name,
+                 props.multiProcessorCount, copy);
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      const Result& r = results[i];
+      std::fprintf(f,
+                   " {\"name\": \"%s\", \"baseline\": \"%s\", \"policy\": \"%s\", \"batch\": %d, \"hq\": %d, \"hkv\": %d, "
+                   "\"dim\": %d, \"tokens\": %d, \"graph\": %s, \"splits\": %d, \"us\": %.4f, \"bytes\": %.0f}%s\n",
+                   r.c.name.c_str(), r.c.baseline.c_str(), r.c.policy.c_str(), r.c.batch, r.c.hq, r.c.hkv, r.c.dim,
+                   r.c.tokens, r.c.graph ? "true" : "false", r.splits, r.us, r.bytes, i + 1 < results.size() ? "," : "");
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  cudaFree(flush);
+  return 0;
+}

@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief The arguments of kvq's GPU decode attention as plain data, and its split and
+///        workspace plan. Host-only header (no CUDA types), so engines can build the struct
+///        anywhere; the kernels are in cuda/decode_attention.cuh.
+///
+/// Shapes: q and out [batch][num_q_heads][head_dim] of fp16 or bf16 (the kernel's query type),
+/// query head h attends with kv head h / (num_q_heads / num_kv_heads). Batch entry b reads cache
+/// slot slots[b] (slots == nullptr: slot b) through `kv` (layout/paged_params.hpp).
+///
+/// Work split: each (batch entry, kv head) is cut into `num_splits` pieces of whole blocks plus,
+/// for policies with an exact window, one more piece for the window and the partial blocks; each
+/// piece is one thread block. Pieces write partial softmax states into the workspace and the last
+/// piece of an (entry, kv head) to finish merges them and writes `out` (one launch, no combine
+/// kernel). The workspace's counters must be zero before the first launch
+/// (decode_workspace_clear); every launch leaves them zero again, so a captured graph can be
+/// replayed.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "kvq/config.hpp"
+#include "kvq/layout/paged_params.hpp"
+
+namespace kvq {
+namespace cuda {
+
+struct DecodeAttentionArgs {
+  PagedKVParams kv{};
+  const void* q = nullptr;              ///< device [batch][num_q_heads][head_dim]
+  void* out = nullptr;                  ///< device, same shape and type as q
+  const std::int32_t* slots = nullptr;  ///< device [batch], or nullptr
+  std::int32_t batch = 0;
+  std::int32_t num_q_heads = 0;
+  float scale = 0.0f;                   ///< softmax scale; 0: 1 / sqrt(head_dim)
+  std::int32_t num_splits = 1;          ///< pieces of whole blocks per (entry, kv head); decode_splits()
+  void* workspace = nullptr;            ///< device, decode_workspace_bytes() bytes
+  std::size_t workspace_bytes = 0;
+};
+
+/// Pieces per (entry, kv head) for a batch whose longest sequence holds max_blocks full blocks,
+/// so that the grid fills `sm_count` multiprocessors about `waves` times (at least one block a
+/// piece, at most max_splits pieces).
+inline std::int32_t decode_splits(std::int32_t batch, std::int32_t num_kv_heads, std::int32_t max_blocks,
+                                  std::int32_t sm_count, std::int32_t ctas_per_sm = 2, std::int32_t max_splits = 64) {
+  const std::int64_t items = static_cast<std::int64_t>(batch) * num_kv_heads;
+  const std::int64_t want = std::max<std::int64_t>(1, (static_cast<std::int64_t>(sm_count) * ctas_per_sm + items - 1) / items);
+  const std::int64_t by_work = std::max<std::int64_t>(1, max_blocks / 4);  // at least one block per warp
+  return static_cast<std::int32_t>(std::max<std::int64_t>(1, std::min<std::int64_t>({want, by_work, max_splits})));
+}
+
+/// Workspace of a launch: counters [batch][num_kv_heads] int32, then per (entry, query head,
+/// piece) the partial max and sum (float2) and the partial output [head_dim] float.
+struct DecodeWorkspaceLayout {
+  std::size_t counters = 0;   ///< byte offsets
+  std::size_t stats = 0;
+  std::size_t partials = 0;
+  std::size_t bytes = 0;
+};
+KVQ_HOST_DEVICE DecodeWorkspaceLayout decode_workspace_layout(std::int32_t batch, std::int32_t num_q_heads,
+                                                              std::int32_t num_kv_heads, std::int32_t head_dim,
+                                                              std::int32_t pieces) {
+  auto up = [](std::size_t x) { return (x + 255) / 256 * 256; };
+  DecodeWorkspaceLayout w;
+  const auto entries = static_cast<std::size_t>(batch);
+  w.counters = 0;
+  w.stats = up(entries * static_cast<std::size_t>(num_kv_heads) * sizeof(std::int32_t));
+  const std::size_t states = entries * static_cast<std::size_t>(num_q_heads) * static_cast<std::size_t>(pieces);
+  w.partials = w.stats + up(states * 2 * sizeof(float));
+  w.bytes = w.partials + up(states * static_cast<std::size_t>(head_dim) * sizeof(float));
+  return w;
+}
+
+}  // namespace cuda
+}  // namespace kvq

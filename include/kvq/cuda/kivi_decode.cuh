@@ -1,0 +1,505 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file
+/// @brief Fused split-KV decode attention on KIVI's packed blocks (2- or 4-bit keys per channel,
+///        values per token, fp16 metadata, block of 128 tokens), tensor cores reading the codes
+///        straight from the block bytes. nvcc only.
+///
+/// Grid (num_kv_heads, pieces, batch), 128 threads. Pieces 0 .. pieces - 2 share the blocks whose
+/// keys and values are both quantized; each warp of a piece takes every 4th of them and streams
+/// its kv head's part of each block (key codes and metadata contiguous, value rows of
+/// head_dim * bits / 8 bytes, value metadata a contiguous run: layout/block_layout.hpp) into a
+/// two-stage shared-memory ring with cp.async. The last piece does the rest (the blocks that are
+/// partly exact, the fp16 window) from rows dequantized into shared memory.
+///
+/// One block of one kv head, per warp (lane = 4g + t):
+/// - scores S [128 tokens][8 heads] = K Q^T as 8 x (head_dim / 16) mma m16n8k16. Row r of token
+///   tile i is token 16 (r % 8) + 2i + r / 8, so lane g's rows over the 8 tiles are tokens
+///   16g .. 16g + 15: one 16-code run of each key line. Column k of k-chunk kc is channel
+///   16 kc + rho(k), rho = {0,4,1,5,2,6,3,7, 8,12,9,13,10,14,11,15} (k = 2t, 2t+1, 2t+8, 2t+9
+///   -> channels t, t+4, t+8, t+12), which keeps the lanes' shared-memory reads conflict-free.
+/// - codes -> fp16 with the 0x6400 exponent trick: prmt joins two lanes' runs, lop3 masks two
+///   codes into (1024 + c) pairs, one subtraction makes them exact small integers.
+/// - group 128 keys (one group per line and block): the key scales fold into the queries
+///   (B = q * scale) and the zero-points into one bias per head; otherwise each pair is
+///   dequantized with one fused multiply-add (each lane's tokens lie in one group).
+/// - O^T [head_dim][8 heads] += V^T P^T: P comes from the score fragments by movmatrix; row r of
+///   channel tile j is channel g * head_dim / 8 + 2j + r / 8 (lane g's rows are one run of each
+///   value row), k = the score tile's tokens. Values in one group per head and token fold their
+///   scale into P and their zero-point into a per-head sum added at the end.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kvq/core/float_types.hpp"
+#include "kvq/cuda/decode_common.cuh"
+#include "kvq/layout/paged_params.hpp"
+#include "kvq/quant/params.hpp"
+
+namespace kvq {
+namespace cuda {
+namespace detail {
+
+/// Sizes of one kv head's part of a KIVI block in the shared-memory stage.
+template <int KBITS, int VBITS, int KG, int VG, int D>
+struct KiviTile {
+  static constexpr int kTokens = 128;
+  static constexpr int kKeyLine = kTokens * KBITS / 8;  ///< bytes of one channel's codes
+  static constexpr int kKeyCodes = D * kKeyLine;
+  static constexpr int kKeyGroups = kTokens / KG;       ///< token groups per key line
+  static constexpr int kKeyMeta = D * kKeyGroups * 2;   ///< fp16 scales (or zero-points) of the head
+  static constexpr int kValueRow = D * VBITS / 8;       ///< bytes of one token's codes of the head
+  static constexpr int kValueCodes = kTokens * kValueRow;
+  static constexpr int kValueGroups = VG >= D ? 1 : D / VG;  ///< channel groups of the head
+  static constexpr int kValueMeta = kValueGroups * kTokens * 2;
+  static constexpr int kKeyScales = kKeyCodes;
+  static constexpr int kKeyZeros = kKeyScales + kKeyMeta;
+  static constexpr int kValues = kKeyZeros + kKeyMeta;
+  static constexpr int kValueScales = kValues + kValueCodes;
+  static constexpr int kValueZeros = kValueScales + kValueMeta;
+  static constexpr int kStage = kValueZeros + kValueMeta;
+  static constexpr bool kFoldKeys = KG == kTokens;
+  static constexpr bool kFoldValues = VG >= D;
+  static constexpr int kChunks = D / 16;      ///< k-chunks of the scores, channel tiles of the output
+  static constexpr int kLaneChannels = D / 8; ///< value channels per lane g
+  static constexpr int kLaneKeyBytes = 16 * KBITS / 8;
+  static constexpr int kLaneValueBytes = kLaneChannels * VBITS / 8;
+  // The tail's dequantized rows: keys [64][D + 8] in rho order, values [D][64 + 8] in row order.
+  static constexpr int kTailTokens = 64;
+  /// Pieces of the rest after the full blocks: at most 127 rows of a partial block and a window
+  /// ring of 256 rows (KIVI's key ring) -> 383 positions -> 6 chunks of 64.
+  static constexpr int kTailPieces = 6;
+  static constexpr int kTailKeyStride = D + 8;
+  static constexpr int kTailValueStride = kTailTokens + 8;
+  static constexpr int kTailBytes = (kTailTokens * kTailKeyStride + D * kTailValueStride) * 2;
+  static constexpr int kSmem = [] {
+    int s = 2 * kDecodeWarps * kStage;
+    if (s < kTailBytes) s = kTailBytes;
+    if (s < static_cast<int>(sizeof(WarpMergeSmem<D>))) s = static_cast<int>(sizeof(WarpMergeSmem<D>));
+    return s;
+  }();
+  static_assert(kValueRow % 16 == 0 && kKeyLine % 16 == 0, "kvq: KIVI tile rows must be whole 16-byte chunks");
+};
+
+/// Shared-memory row of value token `tok` (spreads the 4 lanes t over the bank groups).
+__device__ __forceinline__ int value_row(int tok) { return tok ^ ((tok >> 5) & 3); }
+
+/// Column of key channel c (0 .. D-1) in the tail's rho-ordered key rows.
+__device__ __forceinline__ int rho_column(int c) {
+  const int c16 = c & 15, low = c16 & 7;
+  return (c & ~15) + (c16 & 8) + 2 * (low & 3) + (low >> 2);
+}
+
+/// Elements 2I and 2I + 1 of two lanes' runs of BITS-bit codes (LSB first; run a in the low,
+/// run b in the high halves) as fp16 pairs: lo = (1024 + a[2I], 1024 + b[2I]),
+/// hi = (1024 + 2^BITS a[2I+1], 1024 + 2^BITS b[2I+1]).
+template <int BITS, int I>
+__device__ __forceinline__ void code_pairs(uint2 a, uint2 b, std::uint32_t& lo, std::uint32_t& hi) {
+  constexpr int per_word = 32 / BITS;
+  constexpr int e = 2 * I;
+  constexpr int word = e / per_word;
+  constexpr int in_word = e % per_word;
+  constexpr int half = in_word / (per_word / 2);
+  constexpr int shift = (in_word % (per_word / 2)) * BITS;
+  constexpr std::uint32_t m = (1u << BITS) - 1u;
+  const std::uint32_t z = ptx::prmt(word ? a.y : a.x, word ? b.y : b.x, half ? 0x7632u : 0x5410u) >> shift;
+  lo = ptx::and_or(z, m | (m << 16), 0x64006400u);
+  hi = ptx::and_or(z, (m << BITS) | (m << (16 + BITS)), 0x64006400u);
+}
+
+__device__ __forceinline__ std::uint32_t h2_bits(__half2 x) { return *reinterpret_cast<std::uint32_t*>(&x); }
+__device__ __forceinline__ __half2 bits_h2(std::uint32_t x) { return *reinterpret_cast<__half2*>(&x); }
+
+/// Turns code_pairs' (lo, hi) into exact code pairs.
+template <int BITS>
+__device__ __forceinline__ void exact_codes(std::uint32_t& lo, std::uint32_t& hi) {
+  constexpr float inv = 1.0f / static_cast<float>(1 << BITS);
+  lo = h2_bits(__hsub2(bits_h2(lo), __float2half2_rn(1024.0f)));
+  hi = h2_bits(__hfma2(bits_h2(hi), __float2half2_rn(inv), __float2half2_rn(-1024.0f * inv)));
+}
+
+/// A lane's run of `bytes` (2, 4 or 8) bytes of shared memory as uint2.
+template <int BYTES>
+__device__ __forceinline__ uint2 load_run(const std::uint8_t* p) {
+  if constexpr (BYTES == 8) {
+    return *reinterpret_cast<const uint2*>(p);
+  } else if constexpr (BYTES == 4) {
+    return make_uint2(*reinterpret_cast<const std::uint32_t*>(p), 0u);
+  } else {
+    return make_uint2(*reinterpret_cast<const std::uint16_t*>(p), 0u);
+  }
+}
+
+__device__ __forceinline__ float half_at(const std::uint8_t* base, int i) {
+  return __half2float(reinterpret_cast<const __half*>(base)[i]);
+}
+__device__ __forceinline__ __half2 half_pair(const std::uint8_t* base, int i, int j) {
+  const __half* h = reinterpret_cast<const __half*>(base);
+  return __halves2half2(h[i], h[j]);
+}
+
+/// Issues the cp.async copies of kv head `head`'s part of key block kb and value block vb into a stage.
+template <class Tile, int VG, int D>
+__device__ __forceinline__ void issue_stage(std::uint8_t* st, const std::uint8_t* kb, const std::uint8_t* vb,
+                                            const PagedKVParams& kv, int head, int lane) {
+  const std::uint8_t* kc = kb + static_cast<std::size_t>(head) * Tile::kKeyCodes;
+  for (int c = lane; c < Tile::kKeyCodes / 16; c += 32) ptx::cp_async_16(st + 16 * c, kc + 16 * c);
+  const std::size_t kmeta = static_cast<std::size_t>(head) * Tile::kKeyMeta;
+  const std::uint8_t* ks = kb + kv.keys.block.scales_offset + kmeta;
+  const std::uint8_t* kz = kb + kv.keys.block.zeros_offset + kmeta;
+  for (int c = lane; c < Tile::kKeyMeta / 16; c += 32) {
+    ptx::cp_async_16(st + Tile::kKeyScales + 16 * c, ks + 16 * c);
+    ptx::cp_async_16(st + Tile::kKeyZeros + 16 * c, kz + 16 * c);
+  }
+  constexpr int parts = Tile::kValueRow / 16;
+  const std::uint8_t* vc = vb + static_cast<std::size_t>(head) * Tile::kValueRow;
+  const std::size_t vline = kv.values.block.line_bytes;
+  for (int c = lane; c < Tile::kTokens * parts; c += 32) {
+    const int row = c / parts, part = c % parts;
+    ptx::cp_async_16(st + Tile::kValues + value_row(row) * Tile::kValueRow + 16 * part, vc + row * vline + 16 * part);
+  }
+  // Group-major value metadata: the head's first group, then the next ones, each [128 tokens].
+  const int first_group = VG >= D ? head * D / VG : head * Tile::kValueGroups;
+  const std::size_t vmeta = static_cast<std::size_t>(first_group) * Tile::kTokens * 2;
+  const std::uint8_t* vs = vb + kv.values.block.scales_offset + vmeta;
+  const std::uint8_t* vz = vb + kv.values.block.zeros_offset + vmeta;
+  for (int c = lane; c < Tile::kValueMeta / 16; c += 32) {
+    ptx::cp_async_16(st + Tile::kValueScales + 16 * c, vs + 16 * c);
+    ptx::cp_async_16(st + Tile::kValueZeros + 16 * c, vz + 16 * c);
+  }
+}
+
+/// One staged block of one kv head through the warp's softmax state (see the file comment).
+template <class Tile, int KBITS, int VBITS, int KG, int VG, int D>
+__device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLanes<Tile::kChunks>& sm,
+                                             const std::uint32_t (&qraw)[Tile::kChunks][2],
+                                             const std::uint32_t (&qb)[Tile::kChunks][2], float qscale, int g, int t) {
+  constexpr int KC = Tile::kChunks;
+  // ---- scores ----
+  // Folded keys: B = q * scale as an fp16 pair hi + lo (two mmas: the product keeps 22 bits),
+  // the zero-points as one bias per head. Scores are scaled by qscale (softmax scale * log2 e)
+  // in fp32 after the mma, so the fp16 queries enter unrounded.
+  std::uint32_t bk[KC][2], bl[KC][2];
+  float bias0 = 0.0f, bias1 = 0.0f;
+  if constexpr (Tile::kFoldKeys) {
+    const std::uint8_t* ks = st + Tile::kKeyScales;
+    const std::uint8_t* kz = st + Tile::kKeyZeros;
+    float part = 0.0f;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int ca = 16 * kc + t + 8 * r, cb = ca + 4;
+        const float2 q = __half22float2(bits_h2(qraw[kc][r]));
+        const float xa = q.x * half_at(ks, ca), xb = q.y * half_at(ks, cb);
+        const __half2 hi = __floats2half2_rn(xa, xb);
+        const float2 hf = __half22float2(hi);
+        bk[kc][r] = h2_bits(hi);
+        bl[kc][r] = h2_bits(__floats2half2_rn(xa - hf.x, xb - hf.y));
+        part = fmaf(q.x, half_at(kz, ca), part);
+        part = fmaf(q.y, half_at(kz, cb), part);
+      }
+    }
+    part += __shfl_xor_sync(0xffffffffu, part, 1);
+    part += __shfl_xor_sync(0xffffffffu, part, 2);
+    bias0 = __shfl_sync(0xffffffffu, part, 8 * t);
+    bias1 = __shfl_sync(0xffffffffu, part, 8 * t + 4);
+  }
+  float s[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc) {
+    const int ca = 16 * kc + t;
+    const uint2 wa = load_run<Tile::kLaneKeyBytes>(st + ca * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
+    const uint2 wb = load_run<Tile::kLaneKeyBytes>(st + (ca + 4) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
+    const uint2 wc = load_run<Tile::kLaneKeyBytes>(st + (ca + 8) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
+    const uint2 wd = load_run<Tile::kLaneKeyBytes>(st + (ca + 12) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
+    __half2 sab, zab, scd, zcd;
+    if constexpr (!Tile::kFoldKeys) {
+      const int grp = (16 * g) / KG;
+      const std::uint8_t* ks = st + Tile::kKeyScales;
+      const std::uint8_t* kz = st + Tile::kKeyZeros;
+      constexpr int G = Tile::kKeyGroups;
+      sab = half_pair(ks, ca * G + grp, (ca + 4) * G + grp);
+      zab = half_pair(kz, ca * G + grp, (ca + 4) * G + grp);
+      scd = half_pair(ks, (ca + 8) * G + grp, (ca + 12) * G + grp);
+      zcd = half_pair(kz, (ca + 8) * G + grp, (ca + 12) * G + grp);
+    }
+    auto tile = [&](auto ic) {
+      constexpr int i = decltype(ic)::value;
+      std::uint32_t a[4];
+      code_pairs<KBITS, i>(wa, wb, a[0], a[1]);
+      code_pairs<KBITS, i>(wc, wd, a[2], a[3]);
+      exact_codes<KBITS>(a[0], a[1]);
+      exact_codes<KBITS>(a[2], a[3]);
+      if constexpr (!Tile::kFoldKeys) {
+        a[0] = h2_bits(__hfma2(bits_h2(a[0]), sab, zab));
+        a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
+        a[2] = h2_bits(__hfma2(bits_h2(a[2]), scd, zcd));
+        a[3] = h2_bits(__hfma2(bits_h2(a[3]), scd, zcd));
+        ptx::mma_16816<__half>(s[i], a, qb[kc]);
+      } else {
+        ptx::mma_16816<__half>(s[i], a, bk[kc]);
+        ptx::mma_16816<__half>(s[i], a, bl[kc]);
+      }
+    };
+    tile(std::integral_constant<int, 0>{});
+    tile(std::integral_constant<int, 1>{});
+    tile(std::integral_constant<int, 2>{});
+    tile(std::integral_constant<int, 3>{});
+    tile(std::integral_constant<int, 4>{});
+    tile(std::integral_constant<int, 5>{});
+    tile(std::integral_constant<int, 6>{});
+    tile(std::integral_constant<int, 7>{});
+  }
+  // ---- softmax ----
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    s[i][0] = (s[i][0] + bias0) * qscale;
+    s[i][1] = (s[i][1] + bias1) * qscale;
+    s[i][2] = (s[i][2] + bias0) * qscale;
+    s[i][3] = (s[i][3] + bias1) * qscale;
+    mx0 = fmaxf(mx0, fmaxf(s[i][0], s[i][2]));
+    mx1 = fmaxf(mx1, fmaxf(s[i][1], s[i][3]));
+  }
+  sm.rescale(max_over_rows(mx0), max_over_rows(mx1));
+  std::uint32_t pb[8][2];
+  const std::uint8_t* vs = st + Tile::kValueScales;
+  const std::uint8_t* vz = st + Tile::kValueZeros;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float p0 = ptx::exp2_approx(s[i][0] - sm.m[0]), p1 = ptx::exp2_approx(s[i][1] - sm.m[1]);
+    float p2 = ptx::exp2_approx(s[i][2] - sm.m[0]), p3 = ptx::exp2_approx(s[i][3] - sm.m[1]);
+    sm.l[0] += p0 + p2;
+    sm.l[1] += p1 + p3;
+    if constexpr (Tile::kFoldValues) {
+      const int ta = 16 * g + 2 * i;  // the tokens of rows g and g + 8 of tile i
+      const float sa = half_at(vs, ta), sb = half_at(vs, ta + 1);
+      const float za = half_at(vz, ta), zb = half_at(vz, ta + 1);
+      sm.zsum[0] = fmaf(p0, za, fmaf(p2, zb, sm.zsum[0]));
+      sm.zsum[1] = fmaf(p1, za, fmaf(p3, zb, sm.zsum[1]));
+      p0 *= sa;
+      p1 *= sa;
+      p2 *= sb;
+      p3 *= sb;
+    }
+    pb[i][0] = ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p0, p1));
+    pb[i][1] = ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p2, p3));
+  }
+  // ---- values ----
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int ta = 32 * t + 2 * i, tb = ta + 16, tc = ta + 1, td = tb + 1;
+    const std::uint8_t* vrows = st + Tile::kValues + g * Tile::kLaneValueBytes;
+    const uint2 va = load_run<Tile::kLaneValueBytes>(vrows + value_row(ta) * Tile::kValueRow);
+    const uint2 vb = load_run<Tile::kLaneValueBytes>(vrows + value_row(tb) * Tile::kValueRow);
+    const uint2 vc = load_run<Tile::kLaneValueBytes>(vrows + value_row(tc) * Tile::kValueRow);
+    const uint2 vd = load_run<Tile::kLaneValueBytes>(vrows + value_row(td) * Tile::kValueRow);
+    __half2 sab, zab, scd, zcd;
+    if constexpr (!Tile::kFoldValues) {
+      const int run = ((g * Tile::kLaneChannels) / VG) * Tile::kTokens;
+      sab = half_pair(vs, run + ta, run + tb);
+      zab = half_pair(vz, run + ta, run + tb);
+      scd = half_pair(vs, run + tc, run + td);
+      zcd = half_pair(vz, run + tc, run + td);
+    }
+    auto tile = [&](auto jc) {
+      constexpr int j = decltype(jc)::value;
+      if constexpr (j < KC) {
+        std::uint32_t a[4];
+        code_pairs<VBITS, j>(va, vb, a[0], a[1]);
+        code_pairs<VBITS, j>(vc, vd, a[2], a[3]);
+        exact_codes<VBITS>(a[0], a[1]);
+        exact_codes<VBITS>(a[2], a[3]);
+        if constexpr (!Tile::kFoldValues) {
+          a[0] = h2_bits(__hfma2(bits_h2(a[0]), sab, zab));
+          a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
+          a[2] = h2_bits(__hfma2(bits_h2(a[2]), scd, zcd));
+          a[3] = h2_bits(__hfma2(bits_h2(a[3]), scd, zcd));
+        }
+        ptx::mma_16816<__half>(sm.acc[j], a, pb[i]);
+      }
+    };
+    tile(std::integral_constant<int, 0>{});
+    tile(std::integral_constant<int, 1>{});
+    tile(std::integral_constant<int, 2>{});
+    tile(std::integral_constant<int, 3>{});
+    tile(std::integral_constant<int, 4>{});
+    tile(std::integral_constant<int, 5>{});
+    tile(std::integral_constant<int, 6>{});
+    tile(std::integral_constant<int, 7>{});
+  }
+}
+
+/// Position p, channel ch (0 .. width - 1) of a stream: dequantized (fp32) when stored in a block
+/// (per-channel lines: line = channel, per-token lines: line = block row), else the exact row.
+template <int BITS, int GROUP, bool PER_CHANNEL>
+__device__ __forceinline__ float stream_value(const PagedStream& s, int slot, int p, int quantized, int ch,
+                                              std::size_t row_bytes) {
+  if (p >= s.sinks && p < s.sinks + quantized) {
+    const int i = p - s.sinks;
+    const std::uint8_t* block = s.block_of(slot, i);
+    const int row = i % s.block_tokens;
+    const int line = PER_CHANNEL ? ch : row;
+    const int at = PER_CHANNEL ? row : ch;  // code index within the line
+    const std::uint8_t* codes = s.block.line_codes(block, line);
+    const unsigned bit = static_cast<unsigned>(at) * BITS;
+    const unsigned code = (codes[bit / 8] >> (bit % 8)) & ((1u << BITS) - 1u);
+    const auto prm = s.block.load_group<Float16>(block, line, at / GROUP);
+    return dequantize_value(code, prm.scale.to_float(), prm.zero.to_float());
+  }
+  return __half2float(reinterpret_cast<const __half*>(s.exact_row(slot, p, row_bytes))[ch]);
+}
+
+/// Channels ch .. ch + 7 of position p of a stream as 8 fp16 numbers: the exact row's 16 bytes,
+/// the dequantized codes, or zeros past the sequence's end.
+template <int BITS, int GROUP, bool PER_CHANNEL>
+__device__ __forceinline__ uint4 stream_octet(const PagedStream& s, int slot, int p, int length, int quantized, int ch,
+                                              std::size_t row_bytes) {
+  if (p >= length) return make_uint4(0u, 0u, 0u, 0u);
+  if (p < s.sinks || p >= s.sinks + quantized) {
+    return *reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(s.exact_row(slot, p, row_bytes)) + ch);
+  }
+  uint4 r;
+  __half* h = reinterpret_cast<__half*>(&r);
+#pragma unroll
+  for (int x = 0; x < 8; ++x) h[x] = __float2half_rn(stream_value<BITS, GROUP, PER_CHANNEL>(s, slot, p, quantized, ch + x, row_bytes));
+  return r;
+}
+
+template <class TQ, int KBITS, int VBITS, int KG, int VG, int D>
+__global__ void __launch_bounds__(kDecodeThreads) kivi_decode_kernel(const DecodeAttentionArgs args) {
+  using Tile = KiviTile<KBITS, VBITS, KG, VG, D>;
+  constexpr int KC = Tile::kChunks;
+  extern __shared__ __align__(128) std::uint8_t smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int head = blockIdx.x, piece = blockIdx.y, entry = blockIdx.z;
+  const int pieces = gridDim.y;
+  const PagedKVParams& kv = args.kv;
+  const int slot = args.slots ? args.slots[entry] : entry;
+  const int length = kv.lengths[slot];
+  const int kq = kv.keys.quantized_tokens[slot], vq = kv.values.quantized_tokens[slot];
+  const int group = args.num_q_heads / kv.num_kv_heads;
+  const int full = min(kq, vq) / Tile::kTokens;
+  const int splits = pieces - Tile::kTailPieces;
+
+  // Queries of the group: raw (folded keys rescale them per block) and times the softmax scale.
+  const float qscale = (args.scale > 0.0f ? args.scale : rsqrtf(static_cast<float>(D))) * kLog2e;
+  const TQ* q = static_cast<const TQ*>(args.q) + (static_cast<std::size_t>(entry) * args.num_q_heads + head * group + g) * D;
+  const bool valid = g < group;
+  std::uint32_t qraw[KC][2];
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int ca = 16 * kc + t + 8 * r;
+      load_query_pair<TQ, __half>(q, valid, ca, ca + 4, 1.0f, qraw[kc][r]);
+    }
+  }
+  SoftmaxLanes<KC> sm;
+
+  if (piece < splits) {
+    const int per = (full + splits - 1) / splits;
+    const int first = piece * per, last = min(full, first + per);
+    std::uint8_t* stage[2] = {smem + (2 * warp) * Tile::kStage, smem + (2 * warp + 1) * Tile::kStage};
+    int blk = first + warp;
+    if (blk < last) {
+      issue_stage<Tile, VG, D>(stage[0], kv.keys.block_of(slot, blk * Tile::kTokens), kv.values.block_of(slot, blk * Tile::kTokens),
+                        kv, head, lane);
+    }
+    ptx::cp_async_commit();
+    for (int s = 0; blk < last; blk += kDecodeWarps, s ^= 1) {
+      const int next = blk + kDecodeWarps;
+      if (next < last) {
+        issue_stage<Tile, VG, D>(stage[s ^ 1], kv.keys.block_of(slot, next * Tile::kTokens),
+                          kv.values.block_of(slot, next * Tile::kTokens), kv, head, lane);
+      }
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+      __syncwarp();
+      attend_block<Tile, KBITS, VBITS, KG, VG, D>(stage[s], sm, qraw, qraw, qscale, g, t);
+      __syncwarp();
+    }
+    ptx::cp_async_wait<0>();
+  } else {
+    // The rest: positions [full * 128, length), one chunk of 64 per tail piece, dequantized (or
+    // copied) into shared memory, 8 channels an item, every load of a thread issued before its stores.
+    __half* kt = reinterpret_cast<__half*>(smem);
+    __half* vt = kt + Tile::kTailTokens * Tile::kTailKeyStride;
+    const std::size_t row_bytes = kv.exact_row_bytes();
+    // Tail piece k takes chunks k, k + 6, ... (a KIVI cache has at most 4; more are still attended).
+    for (int base = full * Tile::kTokens + (piece - splits) * Tile::kTailTokens; base < length;
+         base += Tile::kTailPieces * Tile::kTailTokens) {
+      __syncthreads();
+      constexpr int kItems = Tile::kTailTokens * D / 8 / kDecodeThreads;
+      uint4 kraw[kItems], vraw[kItems];
+#pragma unroll
+      for (int it = 0; it < kItems; ++it) {
+        const int e = threadIdx.x + it * kDecodeThreads;
+        const int r = e / (D / 8), c8 = 8 * (e % (D / 8)), p = base + r;
+        kraw[it] = stream_octet<KBITS, KG, true>(kv.keys, slot, p, length, kq, head * D + c8, row_bytes);
+        vraw[it] = stream_octet<VBITS, VG, false>(kv.values, slot, p, length, vq, head * D + c8, row_bytes);
+      }
+#pragma unroll
+      for (int it = 0; it < kItems; ++it) {
+        const int e = threadIdx.x + it * kDecodeThreads;
+        const int r = e / (D / 8), c8 = 8 * (e % (D / 8));
+        const __half* kh = reinterpret_cast<const __half*>(&kraw[it]);
+        const __half* vh = reinterpret_cast<const __half*>(&vraw[it]);
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+          const int c = c8 + x;
+          kt[r * Tile::kTailKeyStride + rho_column(c)] = kh[x];
+          const int lg = c / Tile::kLaneChannels, rem = c % Tile::kLaneChannels;
+          vt[((rem / 2) * 16 + (rem % 2) * 8 + lg) * Tile::kTailValueStride + r] = vh[x];
+        }
+      }
+      __syncthreads();
+      const int row0 = base + 16 * warp;
+      if (row0 < length) {
+      float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const __half* kr0 = kt + (16 * warp + g) * Tile::kTailKeyStride;
+      const __half* kr1 = kr0 + 8 * Tile::kTailKeyStride;
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        std::uint32_t a[4];
+        a[0] = *reinterpret_cast<const std::uint32_t*>(kr0 + 16 * kc + 2 * t);
+        a[1] = *reinterpret_cast<const std::uint32_t*>(kr1 + 16 * kc + 2 * t);
+        a[2] = *reinterpret_cast<const std::uint32_t*>(kr0 + 16 * kc + 2 * t + 8);
+        a[3] = *reinterpret_cast<const std::uint32_t*>(kr1 + 16 * kc + 2 * t + 8);
+        ptx::mma_16816<__half>(s4, a, qraw[kc]);
+      }
+#pragma unroll
+      for (int x = 0; x < 4; ++x) s4[x] *= qscale;
+      if (row0 + g >= length) s4[0] = s4[1] = -INFINITY;
+      if (row0 + g + 8 >= length) s4[2] = s4[3] = -INFINITY;
+      sm.rescale(max_over_rows(fmaxf(s4[0], s4[2])), max_over_rows(fmaxf(s4[1], s4[3])));
+      const float p0 = ptx::exp2_approx(s4[0] - sm.m[0]), p1 = ptx::exp2_approx(s4[1] - sm.m[1]);
+      const float p2 = ptx::exp2_approx(s4[2] - sm.m[0]), p3 = ptx::exp2_approx(s4[3] - sm.m[1]);
+      sm.l[0] += p0 + p2;
+      sm.l[1] += p1 + p3;
+      const std::uint32_t pb[2] = {ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p0, p1)),
+                                   ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p2, p3))};
+#pragma unroll
+      for (int j = 0; j < KC; ++j) {
+        const __half* v0 = vt + (16 * j + g) * Tile::kTailValueStride + 16 * warp + 2 * t;
+        const __half* v1 = v0 + 8 * Tile::kTailValueStride;
+        const std::uint32_t a[4] = {*reinterpret_cast<const std::uint32_t*>(v0), *reinterpret_cast<const std::uint32_t*>(v1),
+                                    *reinterpret_cast<const std::uint32_t*>(v0 + 8),
+                                    *reinterpret_cast<const std::uint32_t*>(v1 + 8)};
+        ptx::mma_16816<__half>(sm.acc[j], a, pb);
+      }
+      }
+    }
+  }
+  finish_piece<TQ, D, KC>(args, sm, smem, entry, head, piece, pieces, group, [](int lg, int j, int h) {
+    return lg * Tile::kLaneChannels + 2 * j + h;
+  });
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace kvq
