@@ -274,12 +274,12 @@ class StreamBounds {
           const index_t c = v.transform.groups.empty() ? s : v.transform.groups.permutation[static_cast<std::size_t>(s)];
           values.push_back(z[static_cast<std::size_t>(c)]);
         }
-        index = row * l.block.groups_per_line + g;
+        index = static_cast<index_t>(l.block.meta_index(row, g));
       } else {  // per-channel groups of group_size consecutive quantized tokens
         const index_t gs = l.spec.group_size;
         const index_t first = t - q % gs;
         for (index_t u = first; u < first + gs; ++u) values.push_back(z_row(u)[static_cast<std::size_t>(i)]);
-        index = i * l.block.groups_per_line + row / gs;
+        index = static_cast<index_t>(l.block.meta_index(i, row / gs));
       }
       const double mn = *std::min_element(values.begin(), values.end());
       const double mx = *std::max_element(values.begin(), values.end());
