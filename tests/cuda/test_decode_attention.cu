@@ -2,8 +2,8 @@
 // GPU decode attention against the CPU's fused attention (kvq::attend) on the same cache bytes:
 // a CPU QuantizedKVCache is filled with random tokens (ragged batch, several flush boundaries),
 // its pools, block tables and exact rows are copied to the device as they are, and every query
-// head's output row must agree within 2e-3 relative (L2) for fp16; bf16 within 1e-2, since the
-// tensor cores take the probabilities in bf16 (8 significant bits).
+// head's output row must agree within 2e-3 relative (L2) for fp16; bf16 within 4e-3 (2^-8: the
+// tensor cores take the probabilities in bf16, 8 significant bits).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -204,7 +204,7 @@ void check_policy(std::uint64_t seed, index_t kv_heads, index_t group, index_t d
     UNSCOPED_INFO("max row error ||gpu - cpu|| / ||cpu|| = " << worst << ", max element error / max |cpu| = " << worst_element);
     std::printf("%s Hkv=%d group=%d d=%d splits=%d: row error %.2e, element error %.2e\n", Policy::name().c_str(),
                 static_cast<int>(kv_heads), static_cast<int>(group), static_cast<int>(dim), splits, worst, worst_element);
-    REQUIRE(worst <= (std::is_same_v<TQ, __half> ? 2e-3 : 1e-2));
+    REQUIRE(worst <= (std::is_same_v<TQ, __half> ? 2e-3 : 4e-3));
   }
 }
 

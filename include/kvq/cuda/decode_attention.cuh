@@ -38,7 +38,6 @@ template <class T>
 struct DecodeKernelOf<Fp16Policy<T>> {
   static constexpr bool supported = std::is_same_v<T, Float16> || std::is_same_v<T, BFloat16>;
   using exact = std::conditional_t<std::is_same_v<T, BFloat16>, __nv_bfloat16, __half>;
-  static constexpr bool has_window_piece = false;
   static constexpr int window_pieces = 0;
   template <class TQ, int D>
   static void* kernel() {
@@ -52,7 +51,6 @@ struct DecodeKernelOf<KiviPolicy<KB, VB, G, R>> {
   static constexpr int kb = static_cast<int>(KB), vb = static_cast<int>(VB);
   static constexpr bool supported = R == 128 && (kb == 2 || kb == 4) && (vb == 2 || vb == 4) && (G == 32 || G == 64 || G == 128);
   using exact = __half;
-  static constexpr bool has_window_piece = true;
   static constexpr int window_pieces = KiviTile<2, 2, 128, 128, 128>::kTailPieces;
   template <class TQ, int D>
   static void* kernel() {
@@ -111,7 +109,7 @@ std::string decode_check(const DecodeAttentionArgs& a) {
                     " bytes (decode_workspace_bytes)");
     }
     const int width = kv.num_kv_heads * kv.head_dim;
-    if constexpr (K::has_window_piece) {
+    if constexpr (K::window_pieces > 0) {
       const auto line = static_cast<std::uint32_t>(Policy::block_tokens * static_cast<int>(Policy::KeyStream::bits) / 8);
       if (kv.keys.block_tokens != 128 || kv.keys.block.line_bytes != line || kv.keys.block.lines != width) {
         return concat("kv.keys.block: expected KIVI key blocks of 128 tokens, ", width, " lines of ", line, " bytes");

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kvq/cuda/decode_args.hpp"
 #include "kvq/cuda/ptx.cuh"
@@ -67,6 +68,34 @@ __device__ __forceinline__ float sum_over_rows(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 4);
   x += __shfl_xor_sync(0xffffffffu, x, 8);
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+/// Calls f(std::integral_constant<int, I>{}) for I = 0 .. N-1 (fragment indices must be
+/// compile-time constants to stay in registers).
+template <int N, class F, int I = 0>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (I < N) {
+    f(std::integral_constant<int, I>{});
+    static_for<N, F, I + 1>(static_cast<F&&>(f));
+  }
+}
+
+/// One 16-token score tile s4 (C fragment, log2 units) through the softmax: masks rows at
+/// positions >= length (row g at position row0 + g, row g + 8 at row0 + g + 8), rescales the
+/// state, adds the probabilities to l and returns P^T as the two B-fragment registers of the
+/// value mma.
+template <class T, int CT>
+__device__ __forceinline__ void softmax_tile(SoftmaxLanes<CT>& sm, float (&s4)[4], int row0, int g, int length,
+                                             std::uint32_t (&pb)[2]) {
+  if (row0 + g >= length) s4[0] = s4[1] = -INFINITY;
+  if (row0 + g + 8 >= length) s4[2] = s4[3] = -INFINITY;
+  sm.rescale(max_over_rows(fmaxf(s4[0], s4[2])), max_over_rows(fmaxf(s4[1], s4[3])));
+  const float p0 = ptx::exp2_approx(s4[0] - sm.m[0]), p1 = ptx::exp2_approx(s4[1] - sm.m[1]);
+  const float p2 = ptx::exp2_approx(s4[2] - sm.m[0]), p3 = ptx::exp2_approx(s4[3] - sm.m[1]);
+  sm.l[0] += p0 + p2;
+  sm.l[1] += p1 + p3;
+  pb[0] = ptx::movmatrix_trans(ptx::MmaType<T>::pack(p0, p1));
+  pb[1] = ptx::movmatrix_trans(ptx::MmaType<T>::pack(p2, p3));
 }
 
 /// Shared memory of the block merge: per warp the max and sum of 8 heads and O [8][D].

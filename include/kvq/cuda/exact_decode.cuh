@@ -108,16 +108,8 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
     }
 #pragma unroll
     for (int x = 0; x < 4; ++x) s4[x] *= qscale;  // in fp32: the queries enter the mma unrounded
-    const int row0 = blk * Tile::kTokens;
-    if (row0 + g >= length) s4[0] = s4[1] = -INFINITY;
-    if (row0 + g + 8 >= length) s4[2] = s4[3] = -INFINITY;
-    sm.rescale(max_over_rows(fmaxf(s4[0], s4[2])), max_over_rows(fmaxf(s4[1], s4[3])));
-    const float p0 = ptx::exp2_approx(s4[0] - sm.m[0]), p1 = ptx::exp2_approx(s4[1] - sm.m[1]);
-    const float p2 = ptx::exp2_approx(s4[2] - sm.m[0]), p3 = ptx::exp2_approx(s4[3] - sm.m[1]);
-    sm.l[0] += p0 + p2;
-    sm.l[1] += p1 + p3;
-    const std::uint32_t pb[2] = {ptx::movmatrix_trans(ptx::MmaType<T>::pack(p0, p1)),
-                                 ptx::movmatrix_trans(ptx::MmaType<T>::pack(p2, p3))};
+    std::uint32_t pb[2];
+    softmax_tile<T>(sm, s4, blk * Tile::kTokens, g, length, pb);
 #pragma unroll
     for (int j = 0; j < KC; ++j) {
       std::uint32_t a[4];

@@ -173,8 +173,7 @@ __device__ __forceinline__ void issue_stage(std::uint8_t* st, const std::uint8_t
 /// One staged block of one kv head through the warp's softmax state (see the file comment).
 template <class Tile, int KBITS, int VBITS, int KG, int VG, int D>
 __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLanes<Tile::kChunks>& sm,
-                                             const std::uint32_t (&qraw)[Tile::kChunks][2],
-                                             const std::uint32_t (&qb)[Tile::kChunks][2], float qscale, int g, int t) {
+                                             const std::uint32_t (&qraw)[Tile::kChunks][2], float qscale, int g, int t) {
   constexpr int KC = Tile::kChunks;
   // ---- scores ----
   // Folded keys: B = q * scale as an fp16 pair hi + lo (two mmas: the product keeps 22 bits),
@@ -239,20 +238,13 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
         a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
         a[2] = h2_bits(__hfma2(bits_h2(a[2]), scd, zcd));
         a[3] = h2_bits(__hfma2(bits_h2(a[3]), scd, zcd));
-        ptx::mma_16816<__half>(s[i], a, qb[kc]);
+        ptx::mma_16816<__half>(s[i], a, qraw[kc]);
       } else {
         ptx::mma_16816<__half>(s[i], a, bk[kc]);
         ptx::mma_16816<__half>(s[i], a, bl[kc]);
       }
     };
-    tile(std::integral_constant<int, 0>{});
-    tile(std::integral_constant<int, 1>{});
-    tile(std::integral_constant<int, 2>{});
-    tile(std::integral_constant<int, 3>{});
-    tile(std::integral_constant<int, 4>{});
-    tile(std::integral_constant<int, 5>{});
-    tile(std::integral_constant<int, 6>{});
-    tile(std::integral_constant<int, 7>{});
+    static_for<8>(tile);
   }
   // ---- softmax ----
   float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -323,14 +315,7 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
         ptx::mma_16816<__half>(sm.acc[j], a, pb[i]);
       }
     };
-    tile(std::integral_constant<int, 0>{});
-    tile(std::integral_constant<int, 1>{});
-    tile(std::integral_constant<int, 2>{});
-    tile(std::integral_constant<int, 3>{});
-    tile(std::integral_constant<int, 4>{});
-    tile(std::integral_constant<int, 5>{});
-    tile(std::integral_constant<int, 6>{});
-    tile(std::integral_constant<int, 7>{});
+    static_for<8>(tile);
   }
 }
 
@@ -420,7 +405,7 @@ __global__ void __launch_bounds__(kDecodeThreads) kivi_decode_kernel(const Decod
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
       __syncwarp();
-      attend_block<Tile, KBITS, VBITS, KG, VG, D>(stage[s], sm, qraw, qraw, qscale, g, t);
+      attend_block<Tile, KBITS, VBITS, KG, VG, D>(stage[s], sm, qraw, qscale, g, t);
       __syncwarp();
     }
     ptx::cp_async_wait<0>();
@@ -460,38 +445,31 @@ __global__ void __launch_bounds__(kDecodeThreads) kivi_decode_kernel(const Decod
       __syncthreads();
       const int row0 = base + 16 * warp;
       if (row0 < length) {
-      float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const __half* kr0 = kt + (16 * warp + g) * Tile::kTailKeyStride;
-      const __half* kr1 = kr0 + 8 * Tile::kTailKeyStride;
+        float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const __half* kr0 = kt + (16 * warp + g) * Tile::kTailKeyStride;
+        const __half* kr1 = kr0 + 8 * Tile::kTailKeyStride;
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) {
-        std::uint32_t a[4];
-        a[0] = *reinterpret_cast<const std::uint32_t*>(kr0 + 16 * kc + 2 * t);
-        a[1] = *reinterpret_cast<const std::uint32_t*>(kr1 + 16 * kc + 2 * t);
-        a[2] = *reinterpret_cast<const std::uint32_t*>(kr0 + 16 * kc + 2 * t + 8);
-        a[3] = *reinterpret_cast<const std::uint32_t*>(kr1 + 16 * kc + 2 * t + 8);
-        ptx::mma_16816<__half>(s4, a, qraw[kc]);
-      }
+        for (int kc = 0; kc < KC; ++kc) {
+          std::uint32_t a[4];
+          a[0] = *reinterpret_cast<const std::uint32_t*>(kr0 + 16 * kc + 2 * t);
+          a[1] = *reinterpret_cast<const std::uint32_t*>(kr1 + 16 * kc + 2 * t);
+          a[2] = *reinterpret_cast<const std::uint32_t*>(kr0 + 16 * kc + 2 * t + 8);
+          a[3] = *reinterpret_cast<const std::uint32_t*>(kr1 + 16 * kc + 2 * t + 8);
+          ptx::mma_16816<__half>(s4, a, qraw[kc]);
+        }
 #pragma unroll
-      for (int x = 0; x < 4; ++x) s4[x] *= qscale;
-      if (row0 + g >= length) s4[0] = s4[1] = -INFINITY;
-      if (row0 + g + 8 >= length) s4[2] = s4[3] = -INFINITY;
-      sm.rescale(max_over_rows(fmaxf(s4[0], s4[2])), max_over_rows(fmaxf(s4[1], s4[3])));
-      const float p0 = ptx::exp2_approx(s4[0] - sm.m[0]), p1 = ptx::exp2_approx(s4[1] - sm.m[1]);
-      const float p2 = ptx::exp2_approx(s4[2] - sm.m[0]), p3 = ptx::exp2_approx(s4[3] - sm.m[1]);
-      sm.l[0] += p0 + p2;
-      sm.l[1] += p1 + p3;
-      const std::uint32_t pb[2] = {ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p0, p1)),
-                                   ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p2, p3))};
+        for (int x = 0; x < 4; ++x) s4[x] *= qscale;
+        std::uint32_t pb[2];
+        softmax_tile<__half>(sm, s4, row0, g, length, pb);
 #pragma unroll
-      for (int j = 0; j < KC; ++j) {
-        const __half* v0 = vt + (16 * j + g) * Tile::kTailValueStride + 16 * warp + 2 * t;
-        const __half* v1 = v0 + 8 * Tile::kTailValueStride;
-        const std::uint32_t a[4] = {*reinterpret_cast<const std::uint32_t*>(v0), *reinterpret_cast<const std::uint32_t*>(v1),
-                                    *reinterpret_cast<const std::uint32_t*>(v0 + 8),
-                                    *reinterpret_cast<const std::uint32_t*>(v1 + 8)};
-        ptx::mma_16816<__half>(sm.acc[j], a, pb);
-      }
+        for (int j = 0; j < KC; ++j) {
+          const __half* v0 = vt + (16 * j + g) * Tile::kTailValueStride + 16 * warp + 2 * t;
+          const __half* v1 = v0 + 8 * Tile::kTailValueStride;
+          const std::uint32_t a[4] = {*reinterpret_cast<const std::uint32_t*>(v0), *reinterpret_cast<const std::uint32_t*>(v1),
+                                      *reinterpret_cast<const std::uint32_t*>(v0 + 8),
+                                      *reinterpret_cast<const std::uint32_t*>(v1 + 8)};
+          ptx::mma_16816<__half>(sm.acc[j], a, pb);
+        }
       }
     }
   }
