@@ -8,8 +8,9 @@
 /// values); see policy/spec.hpp for their segments and transforms and cache/window_schedule.hpp
 /// for the state machine. Quantized rows live in blocks of Policy::block_tokens tokens of one
 /// layer, taken from a key pool and a value pool of CacheConfig::num_blocks blocks each
-/// (allocated by the constructor); sinks and windows live in per-sequence exact storage
-/// allocated by add_sequence. Quantization groups never span sequences: every block belongs to
+/// (allocated by the constructor); sinks and windows live in the exact storage of the
+/// sequence's slot, one array for all slots that add_sequence grows (paged() describes a layer of
+/// all of it as PagedKVParams). Quantization groups never span sequences: every block belongs to
 /// one sequence (fork shares full blocks, which are never written again, and copies a partial
 /// last block).
 ///
@@ -32,6 +33,7 @@
 
 #include "kvq/cache/block_pool.hpp"
 #include "kvq/cache/cache_config.hpp"
+#include "kvq/cache/paged_export.hpp"
 #include "kvq/cache/sequence_table.hpp"
 #include "kvq/cache/stream_view.hpp"
 #include "kvq/cache/stream_writer.hpp"
@@ -81,6 +83,20 @@ constexpr bool checks_groups_on_append() noexcept {
   }
 }
 
+/// The exact rows a sequence of Policy keeps per layer (sinks and window rings of both streams),
+/// rows of `width` numbers: the layout of QuantizedKVCache's exact storage and of the device
+/// cache's exact-row pool.
+template <class Policy>
+ExactRows policy_exact_rows(index_t width) noexcept {
+  ExactRows rows;
+  rows.key_sinks = Policy::KeyWindow::sinks;
+  rows.key_ring = Policy::KeyWindow::window_capacity;
+  rows.value_sinks = Policy::ValueWindow::sinks;
+  rows.value_ring = Policy::ValueWindow::window_capacity;
+  rows.width = width;
+  return rows;
+}
+
 }  // namespace detail
 
 /// The KV cache. See the file comment.
@@ -111,13 +127,7 @@ class QuantizedKVCache {
     key_pool_ = BlockPool(keys_.layout.block_bytes, config.num_blocks);
     value_pool_ = BlockPool(values_.layout.block_bytes, config.num_blocks);
     rope_ = RopeRotator(config.head_dim, config.rope, tile_tokens);
-    ExactRows rows;
-    rows.key_sinks = key_rule_.sinks;
-    rows.key_ring = Policy::KeyWindow::window_capacity;
-    rows.value_sinks = value_rule_.sinks;
-    rows.value_ring = Policy::ValueWindow::window_capacity;
-    rows.width = width_;
-    sequences_ = SequenceTable<exact_type>(config.num_layers, rows);
+    sequences_ = SequenceTable<exact_type>(config.num_layers, detail::policy_exact_rows<Policy>(width_));
     const index_t staging_rows = std::max<index_t>(std::max<index_t>(key_rule_.chunk, value_rule_.chunk), tile_tokens);
     writer_ = StreamWriter<exact_type>(width_, staging_rows, std::max(key_rank(), value_rank()));
   }
@@ -248,6 +258,15 @@ class QuantizedKVCache {
     return stream_view(seq, layer, false);
   }
 
+  /// One layer as PagedKVParams (layout/paged_params.hpp): the returned tables own the flat block
+  /// tables, counts and lengths of every slot; tables.params() points into them, the pools and
+  /// the exact rows (cache/paged_export.hpp: valid until the cache is modified; for reading).
+  HostPagedTables paged(index_t layer) const {
+    check_layer("kvq::QuantizedKVCache::paged", layer);
+    return export_paged(sequences_, layer, keys_.layout, values_.layout, key_pool_, value_pool_, key_rule_, value_rule_,
+                        config_.num_kv_heads, config_.head_dim);
+  }
+
   /// The keys as attention sees them before RoPE is applied, out [length, num_kv_heads,
   /// head_dim] row-major: exact rows as stored, quantized rows dequantized (reconstructed from
   /// the latent for CSKV). Pre-RoPE policies return un-rotated keys.
@@ -292,6 +311,8 @@ class QuantizedKVCache {
   const StreamLayout& value_layout() const noexcept { return values_.layout; }
   const BlockPool& key_pool() const noexcept { return key_pool_; }
   const BlockPool& value_pool() const noexcept { return value_pool_; }
+  /// The sequences: counts, block tables and the exact rows of every slot (one contiguous array).
+  const SequenceTable<exact_type>& sequences() const noexcept { return sequences_; }
   /// The layer's key / value transform (channel groups, factors, clip ratio).
   StreamTransform key_transform(index_t layer) const {
     check_layer("kvq::QuantizedKVCache::key_transform", layer);

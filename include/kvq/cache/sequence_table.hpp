@@ -3,8 +3,15 @@
 /// @brief The sequences of a cache: per sequence and layer the token counts and block tables of
 ///        both streams, and the exact storage (sinks and window rings); fork, free, and the
 ///        accounting of exact bytes and stored elements.
+///
+/// The exact rows of every slot (sequence id) live in one contiguous vector, slot s at
+/// exact_data() + s * slot_stride(), laid out [num_layers][ExactRows::layer_stride()]: the layout
+/// PagedKVParams describes (layout/paged_params.hpp) and the device cache copies. The vector grows
+/// when a new slot is added, so pointers into it (views) are valid until the next add or fork.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -50,7 +57,8 @@ struct ExactRows {
   index_t ring_capacity(bool is_key) const noexcept { return is_key ? key_ring : value_ring; }
 };
 
-/// The sequence table of a cache whose exact rows are of type E.
+/// The sequence table of a cache whose exact rows are of type E. A table built with ExactRows{}
+/// keeps no exact storage (the device cache's host mirror: its exact rows live on the GPU).
 template <class E>
 class SequenceTable {
  public:
@@ -58,7 +66,26 @@ class SequenceTable {
   SequenceTable(index_t num_layers, ExactRows rows) : num_layers_(num_layers), rows_(rows) {}
 
   const ExactRows& exact_rows() const noexcept { return rows_; }
+  index_t num_layers() const noexcept { return num_layers_; }
   index_t slots() const noexcept { return static_cast<index_t>(sequences_.size()); }
+  /// Numbers of exact storage per slot: num_layers * exact_rows().layer_stride().
+  index_t slot_stride() const noexcept { return num_layers_ * rows_.layer_stride(); }
+  /// The exact rows of all slots, slot s at exact_data() + s * slot_stride() (free slots hold
+  /// stale rows; add() zero-fills a slot).
+  const E* exact_data() const noexcept { return exact_.data(); }
+  /// Live sequences.
+  index_t live() const noexcept {
+    index_t n = 0;
+    for (const Sequence& s : sequences_) n += s.live ? 1 : 0;
+    return n;
+  }
+
+  /// A copy of the sequences, counts and block tables without exact storage.
+  SequenceTable without_exact() const {
+    SequenceTable t(num_layers_, ExactRows{});
+    t.sequences_ = sequences_;
+    return t;
+  }
 
   bool is_live(SequenceId seq) const noexcept {
     return seq >= 0 && seq < static_cast<SequenceId>(sequences_.size()) && sequences_[static_cast<std::size_t>(seq)].live;
@@ -68,11 +95,15 @@ class SequenceTable {
   SequenceId add() {
     SequenceId id = 0;
     while (id < static_cast<SequenceId>(sequences_.size()) && sequences_[static_cast<std::size_t>(id)].live) ++id;
-    if (id == static_cast<SequenceId>(sequences_.size())) sequences_.emplace_back();
+    const auto stride = static_cast<std::size_t>(slot_stride());
+    if (id == static_cast<SequenceId>(sequences_.size())) {
+      sequences_.emplace_back();
+      exact_.resize(sequences_.size() * stride);
+    }
     Sequence& s = sequences_[static_cast<std::size_t>(id)];
     s.live = true;
     s.layers.assign(static_cast<std::size_t>(num_layers_), LayerState{});
-    s.exact.assign(static_cast<std::size_t>(num_layers_ * rows_.layer_stride()), E{});
+    std::fill_n(exact_.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(id) * stride), stride, E{});
     return id;
   }
 
@@ -92,7 +123,9 @@ class SequenceTable {
     const SequenceId id = add();
     Sequence& dst = sequences_[static_cast<std::size_t>(id)];
     const Sequence& src = sequences_[static_cast<std::size_t>(source)];
-    dst.exact = src.exact;
+    const auto stride = static_cast<std::size_t>(slot_stride());
+    std::copy_n(exact_.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(source) * stride), stride,
+                exact_.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(id) * stride));
     for (std::size_t l = 0; l < dst.layers.size(); ++l) {
       fork_stream(src.layers[l].key, dst.layers[l].key, block_tokens, key_pool);
       fork_stream(src.layers[l].value, dst.layers[l].value, block_tokens, value_pool);
@@ -100,9 +133,10 @@ class SequenceTable {
     return id;
   }
 
-  /// Ends a sequence: its blocks return to the pools (unless a fork shares them) and its exact
-  /// storage is released.
-  void free(SequenceId seq, BlockPool& key_pool, BlockPool& value_pool) {
+  /// Ends a sequence: its blocks return to the pools (unless a fork shares them; Pool: BlockPool or
+  /// BlockIdAllocator) and its exact storage stops counting (the slot keeps it for the next add).
+  template <class Pool>
+  void free(SequenceId seq, Pool& key_pool, Pool& value_pool) {
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
     for (LayerState& ls : s.layers) {
       for (std::int32_t b : ls.key.blocks) key_pool.release(b);
@@ -120,17 +154,17 @@ class SequenceTable {
 
   /// A layer's sinks [sinks, width] or window ring [ring_capacity, width] of one stream.
   E* exact(SequenceId seq, index_t layer, bool is_key, bool ring) noexcept {
-    return sequences_[static_cast<std::size_t>(seq)].exact.data() + rows_.offset(layer, is_key, ring);
+    return exact_.data() + static_cast<std::size_t>(seq) * static_cast<std::size_t>(slot_stride()) +
+           rows_.offset(layer, is_key, ring);
   }
   const E* exact(SequenceId seq, index_t layer, bool is_key, bool ring) const noexcept {
-    return sequences_[static_cast<std::size_t>(seq)].exact.data() + rows_.offset(layer, is_key, ring);
+    return exact_.data() + static_cast<std::size_t>(seq) * static_cast<std::size_t>(slot_stride()) +
+           rows_.offset(layer, is_key, ring);
   }
 
   /// Bytes of the exact storage of live sequences.
   std::size_t exact_bytes() const noexcept {
-    std::size_t n = 0;
-    for (const Sequence& s : sequences_) n += s.exact.size() * sizeof(E);
-    return n;
+    return static_cast<std::size_t>(live()) * static_cast<std::size_t>(slot_stride()) * sizeof(E);
   }
   /// Tokens held, summed over live sequences, layers and both streams.
   double stored_tokens() const noexcept {
@@ -145,7 +179,6 @@ class SequenceTable {
   struct Sequence {
     bool live = false;
     std::vector<LayerState> layers;
-    std::vector<E> exact;  ///< num_layers * rows_.layer_stride()
   };
 
   static void fork_stream(const StreamState& src, StreamState& dst, index_t block_tokens, BlockPool& pool) {
@@ -167,6 +200,7 @@ class SequenceTable {
   index_t num_layers_ = 0;
   ExactRows rows_{};
   std::vector<Sequence> sequences_;
+  std::vector<E> exact_;  ///< [slots][num_layers][rows_.layer_stride()]
 };
 
 }  // namespace kvq
