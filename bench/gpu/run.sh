@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-build/gpu-bench}
 mkdir -p "$out"
-cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVQ_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
+cmake -S . -B build/gpu-release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVQ_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
   -DKVQ_BUILD_TESTING=OFF -DKVQ_BUILD_BENCHMARKS=ON -DKVQ_BUILD_TOOLS=OFF -DKVQ_BUILD_EXAMPLES=OFF > "$out/configure.log"
-cmake --build build/gpu --target kvq_bench_decode -j "$(nproc)" > "$out/build.log"
-build/gpu/bench/kvq_bench_decode --json "$out/kvq_decode.json" | tee "$out/kvq_decode.txt"
+cmake --build build/gpu-release --target kvq_bench_decode -j "$(nproc)" > "$out/build.log"
+build/gpu-release/bench/kvq_bench_decode --json "$out/kvq_decode.json" | tee "$out/kvq_decode.txt"
 python3 bench/gpu/sdpa_baseline.py --json "$out/sdpa_baseline.json" | tee "$out/sdpa_baseline.txt"
 python3 bench/gpu/report.py "$out/kvq_decode.json" "$out/sdpa_baseline.json" | tee "$out/table.txt"
 python3 bench/gpu/report.py "$out/kvq_decode.json" "$out/sdpa_baseline.json" --markdown > "$out/table.md"
