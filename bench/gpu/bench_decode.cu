@@ -4,12 +4,21 @@
 // pool as a paged cache has them). Prints one line per case and writes JSON for
 // bench/gpu/report.py, which joins it with sdpa_baseline.py's JSON into the results table.
 //
-//   kvq_bench_decode [--json FILE] [--quick]
+//   kvq_bench_decode [--json FILE] [--quick] [--only SUBSTRING] [--splits N]
+// (--only append: the append steps alone; --splits: every case with N pieces of blocks instead of
+// decode_splits_for's choice)
 //
 // Timing: CUDA events around each launch, the L2 flushed before each (a 512 MiB memset), median
 // of 30; cases marked graph replay one captured launch 500 times back to back (warm L2, as
 // triton's do_bench_cudagraph does on the PyTorch side) and report the mean. Bytes are what the
 // kernel reads of the cache: every staged block part plus the window rows.
+//
+// Append per decode step (issue #10's last target): a DeviceKVCache of one layer is prefilled
+// through its own append kernels (chunks of 512 tokens), then 256 decode steps append one token
+// to every sequence: the host plan (plan_append, wall clock), the plan's copy (upload_plan) and
+// the layer's append kernel (CUDA events), mean and maximum over the steps (a key flush every
+// 128 steps). An engine uploads the plan once per step and appends once per layer, so the
+// per-layer cost to set against one layer's attention is the append kernel.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -19,7 +28,10 @@
 #include <string>
 #include <vector>
 
+#include <chrono>
+
 #include "kvq/cuda/decode_attention.cuh"
+#include "kvq/cuda/device_cache.cuh"
 #include "kvq/kvq.hpp"
 
 namespace {
@@ -83,7 +95,7 @@ struct Result {
 };
 
 template <class Policy>
-Result run_case(const Case& c, int sms, void* flush, std::size_t flush_bytes) {
+Result run_case(const Case& c, int splits, void* flush, std::size_t flush_bytes) {
   using Cache = kvq::QuantizedKVCache<Policy>;
   kvq::CacheConfig cfg;
   cfg.num_layers = 1;
@@ -164,7 +176,7 @@ Result run_case(const Case& c, int sms, void* flush, std::size_t flush_bytes) {
   a.out = out;
   a.batch = c.batch;
   a.num_q_heads = c.hq;
-  a.num_splits = kvq::cuda::decode_splits(c.batch, c.hkv, per_seq, sms);
+  a.num_splits = splits > 0 ? splits : kvq::cuda::decode_splits_for<Policy, TQ>(c.batch, c.hkv, c.dim, per_seq);
   a.workspace_bytes = kvq::cuda::decode_workspace_bytes<Policy>(c.batch, c.hq, c.hkv, c.dim, a.num_splits);
   KVQ_CHECK(cudaMalloc(&a.workspace, a.workspace_bytes));
   KVQ_CHECK(cudaMemset(a.workspace, 0, a.workspace_bytes));
@@ -243,6 +255,93 @@ Result run_case(const Case& c, int sms, void* flush, std::size_t flush_bytes) {
   return r;
 }
 
+struct AppendResult {
+  std::string name, policy, attention_case;
+  int batch = 0, hkv = 0, dim = 0, tokens = 0, steps = 0;
+  double plan_us = 0, upload_us = 0, append_us = 0, append_max_us = 0;
+};
+
+template <class Policy>
+AppendResult run_append(const std::string& name, const std::string& policy, const std::string& attention_case, int batch,
+                        int hkv, int dim, int tokens) {
+  using Exact = typename Policy::exact_type;
+  constexpr int chunk = 512, steps = 256;
+  kvq::CacheConfig cfg;
+  cfg.num_layers = 1;
+  cfg.num_kv_heads = hkv;
+  cfg.head_dim = dim;
+  cfg.num_blocks = kvq::QuantizedKVCache<Policy>::blocks_for_tokens(1, (tokens + steps) * batch, batch);
+  kvq::cuda::DeviceCacheLimits limits;
+  limits.max_slots = batch;
+  limits.max_tokens = tokens + steps;
+  limits.max_batch = batch;
+  limits.max_append_tokens = chunk;
+  kvq::cuda::DeviceKVCache<Policy> cache(cfg, limits);
+  std::vector<kvq::SequenceId> slots;
+  for (int b = 0; b < batch; ++b) slots.push_back(cache.add_sequence());
+  const std::size_t rows = static_cast<std::size_t>(batch) * chunk * hkv * dim;
+  std::uint8_t *k, *v;
+  KVQ_CHECK(cudaMalloc(&k, rows * sizeof(Exact)));
+  KVQ_CHECK(cudaMalloc(&v, rows * sizeof(Exact)));
+  fill_kernel<<<1024, 256>>>(k, rows * sizeof(Exact), rows * sizeof(Exact), 0, 0, 0, false, 11);
+  fill_kernel<<<1024, 256>>>(v, rows * sizeof(Exact), rows * sizeof(Exact), 0, 0, 0, false, 12);
+  KVQ_CHECK(cudaGetLastError());
+  cudaStream_t s;
+  KVQ_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  auto step = [&](int n) {
+    cache.plan_append(slots.data(), batch, n);
+    if (cache.upload_plan(s) != kvq::Status::kOk) std::exit(1);
+    if (cache.append(0, reinterpret_cast<const Exact*>(k), reinterpret_cast<const Exact*>(v), s) != kvq::Status::kOk) {
+      std::exit(1);
+    }
+  };
+  for (int done = 0; done < tokens; done += chunk) step(std::min(chunk, tokens - done));
+  KVQ_CHECK(cudaStreamSynchronize(s));
+  cache.check_status();
+
+  cudaEvent_t e0, e1, e2;
+  KVQ_CHECK(cudaEventCreate(&e0));
+  KVQ_CHECK(cudaEventCreate(&e1));
+  KVQ_CHECK(cudaEventCreate(&e2));
+  AppendResult r;
+  r.name = name;
+  r.policy = policy;
+  r.attention_case = attention_case;
+  r.batch = batch;
+  r.hkv = hkv;
+  r.dim = dim;
+  r.tokens = tokens;
+  r.steps = steps;
+  for (int i = 0; i < steps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    cache.plan_append(slots.data(), batch, 1);
+    const auto t1 = std::chrono::steady_clock::now();
+    KVQ_CHECK(cudaEventRecord(e0, s));
+    if (cache.upload_plan(s) != kvq::Status::kOk) std::exit(1);
+    KVQ_CHECK(cudaEventRecord(e1, s));
+    if (cache.append(0, reinterpret_cast<const Exact*>(k), reinterpret_cast<const Exact*>(v), s) != kvq::Status::kOk) {
+      std::exit(1);
+    }
+    KVQ_CHECK(cudaEventRecord(e2, s));
+    KVQ_CHECK(cudaEventSynchronize(e2));
+    float up = 0, ap = 0;
+    KVQ_CHECK(cudaEventElapsedTime(&up, e0, e1));
+    KVQ_CHECK(cudaEventElapsedTime(&ap, e1, e2));
+    r.plan_us += std::chrono::duration<double, std::micro>(t1 - t0).count() / steps;
+    r.upload_us += 1e3 * up / steps;
+    r.append_us += 1e3 * ap / steps;
+    r.append_max_us = std::max(r.append_max_us, 1e3 * static_cast<double>(ap));
+  }
+  cache.check_status();
+  cudaFree(k);
+  cudaFree(v);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaEventDestroy(e2);
+  cudaStreamDestroy(s);
+  return r;
+}
+
 double copy_bandwidth(void* a, void* b, std::size_t bytes) {
   cudaEvent_t e0, e1;
   KVQ_CHECK(cudaEventCreate(&e0));
@@ -267,6 +366,7 @@ int main(int argc, char** argv) {
   const char* json = nullptr;
   bool quick = false;
   std::string only;
+  int splits = 0;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
       json = argv[++i];
@@ -274,8 +374,10 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
       only = argv[++i];
+    } else if (!std::strcmp(argv[i], "--splits") && i + 1 < argc) {
+      splits = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: %s [--json FILE] [--quick] [--only SUBSTRING]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--json FILE] [--quick] [--only SUBSTRING] [--splits N]\n", argv[0]);
       return 2;
     }
   }
@@ -319,16 +421,28 @@ int main(int argc, char** argv) {
     if (!only.empty() && c.name.find(only) == std::string::npos) continue;
     if (quick) c.tokens = std::min(c.tokens, 8192);
     Result r;
-    if (c.policy == "kivi2g128") r = run_case<Kivi2g128>(c, props.multiProcessorCount, flush, flush_bytes);
-    if (c.policy == "kivi2g32") r = run_case<Kivi2g32>(c, props.multiProcessorCount, flush, flush_bytes);
-    if (c.policy == "kivi4g128") r = run_case<Kivi4g128>(c, props.multiProcessorCount, flush, flush_bytes);
-    if (c.policy == "fp16") r = run_case<Fp16>(c, props.multiProcessorCount, flush, flush_bytes);
-    if (c.policy == "bf16") r = run_case<Bf16>(c, props.multiProcessorCount, flush, flush_bytes);
+    if (c.policy == "kivi2g128") r = run_case<Kivi2g128>(c, splits, flush, flush_bytes);
+    if (c.policy == "kivi2g32") r = run_case<Kivi2g32>(c, splits, flush, flush_bytes);
+    if (c.policy == "kivi4g128") r = run_case<Kivi4g128>(c, splits, flush, flush_bytes);
+    if (c.policy == "fp16") r = run_case<Fp16>(c, splits, flush, flush_bytes);
+    if (c.policy == "bf16") r = run_case<Bf16>(c, splits, flush, flush_bytes);
     const double tbs = r.bytes / (r.us * 1e-6) / 1e12;
     std::printf("%-34s %7d %9.1f %9.1f %8.2f %6.0f%%\n", c.name.c_str(), r.splits, r.us, r.bytes / 1e6, tbs,
                 100.0 * tbs * 1e12 / copy);
     std::fflush(stdout);
     results.push_back(r);
+  }
+  std::vector<AppendResult> appends;
+  if (only.empty() || only.find("append") != std::string::npos) {
+    const int tokens = quick ? 8192 : 32768;
+    appends.push_back(run_append<Kivi2g128>("append/kivi2-g128/b8-32k", "kivi2g128", "kivi2-g128/b8-32k", 8, 8, 128, tokens));
+    appends.push_back(run_append<Fp16>("append/fp16/b8-32k", "fp16", "fp16/b8-32k", 8, 8, 128, tokens));
+    std::printf("\n%-28s %6s %10s %10s %10s %10s\n", "append per decode step", "steps", "plan us", "upload us", "append us",
+                "max us");
+    for (const AppendResult& a : appends) {
+      std::printf("%-28s %6d %10.2f %10.2f %10.2f %10.2f\n", a.name.c_str(), a.steps, a.plan_us, a.upload_us, a.append_us,
+                  a.append_max_us);
+    }
   }
   if (json) {
     FILE* f = std::fopen(json, "w");
@@ -342,6 +456,16 @@ int main(int argc, char** argv) {
                    "\"dim\": %d, \"tokens\": %d, \"graph\": %s, \"splits\": %d, \"us\": %.4f, \"bytes\": %.0f}%s\n",
                    r.c.name.c_str(), r.c.baseline.c_str(), r.c.policy.c_str(), r.c.batch, r.c.hq, r.c.hkv, r.c.dim,
                    r.c.tokens, r.c.graph ? "true" : "false", r.splits, r.us, r.bytes, i + 1 < results.size() ? "," : "");
+    }
+    std::fprintf(f, "], \"append\": [\n");
+    for (std::size_t i = 0; i < appends.size(); ++i) {
+      const AppendResult& a = appends[i];
+      std::fprintf(f,
+                   " {\"name\": \"%s\", \"policy\": \"%s\", \"attention_case\": \"%s\", \"batch\": %d, \"hkv\": %d, "
+                   "\"dim\": %d, \"tokens\": %d, \"steps\": %d, \"plan_us\": %.4f, \"upload_us\": %.4f, "
+                   "\"append_us\": %.4f, \"append_max_us\": %.4f}%s\n",
+                   a.name.c_str(), a.policy.c_str(), a.attention_case.c_str(), a.batch, a.hkv, a.dim, a.tokens, a.steps,
+                   a.plan_us, a.upload_us, a.append_us, a.append_max_us, i + 1 < appends.size() ? "," : "");
     }
     std::fprintf(f, "]}\n");
     std::fclose(f);

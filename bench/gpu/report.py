@@ -11,6 +11,18 @@ import json
 import sys
 
 
+def print_table(head, rows, markdown):
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        for r in [head] + rows:
+            print("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths))))
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     markdown = "--markdown" in sys.argv
@@ -34,15 +46,22 @@ def main():
                      "%.2f" % tbs, "%.0f%%" % (100 * tbs * 1e12 / copy), "%.2fx" % (fp16_bytes / c["bytes"])])
     print("%s; copy bandwidth %.2f TB/s (kvq run), %.2f TB/s (PyTorch run)" %
           (kvq["device"], copy / 1e12, sdpa["copy_bytes_per_second"] / 1e12))
-    if markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-        for r in [head] + rows:
-            print("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths))))
+    print_table(head, rows, markdown)
+    appends = kvq.get("append", [])
+    if not appends:
+        return
+    # Append per decode step against the attention of the same shape (one layer each).
+    attention = {c["name"]: c["us"] for c in kvq["cases"]}
+    head = ["append per decode step", "B", "Hkv/d", "tokens", "plan us (host)", "upload us", "append us", "max us",
+            "attention us", "append / attention"]
+    rows = []
+    for a in appends:
+        att = attention.get(a["attention_case"])
+        rows.append([a["name"], str(a["batch"]), "%d/%d" % (a["hkv"], a["dim"]), str(a["tokens"]), "%.2f" % a["plan_us"],
+                     "%.2f" % a["upload_us"], "%.2f" % a["append_us"], "%.2f" % a["append_max_us"],
+                     "%.1f" % att if att else "-", "%.1f%%" % (100 * a["append_us"] / att) if att else "-"])
+    print()
+    print_table(head, rows, markdown)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@
 /// reads from the ring and writes in a block belongs to it, so thread blocks never wait on each
 /// other, and the flush reads ring rows before the store overwrites them (the CPU's order).
 /// Quantization is the KVQ_HOST_DEVICE core (quantize_group, BlockLayout::line_codes /
-/// store_group): the bytes are the CPU cache's.
+/// store_group), on the device with a warp per group (quantize_group_warp: the same bytes):
+/// the bytes are the CPU cache's.
 ///
 /// Threading: AppendPlanner is not thread-safe (one host thread plans); AppendWork functions are
 /// called by every thread of a thread block with (tid, threads) and touch disjoint bytes.
@@ -233,6 +234,48 @@ constexpr bool fixed_groups() {
   }
 }
 
+#if KVQ_DEVICE_PASS
+/// quantize_group by the 32 lanes of a warp (all call it with the same arguments): lanes take
+/// every 32nd value, min, max and the non-finite flag are reduced across the warp (exact in any
+/// order), every lane makes the same parameters with make_group_params, and each packed byte is
+/// written by one lane from its codes (each code depends on its value alone): the bytes and
+/// parameters of quantize_group. B of 2 or 4 bits (whole codes per byte), n a multiple of the
+/// codes per byte and `first` of a byte's first code (the block was zeroed: whole bytes).
+template <Bits B, class Meta, class Load>
+__device__ Status quantize_group_warp(const Load& load, index_t n, float clip, std::uint8_t* stream, std::size_t first,
+                                      GroupParams<Meta>* params, int lane) noexcept {
+  static_assert(B == Bits::k2 || B == Bits::k4, "kvq: quantize_group_warp packs 2- or 4-bit codes");
+  constexpr int bits = static_cast<int>(B), per_byte = 8 / bits;
+  if (n < 1) return Status::kInvalidArgument;
+  std::int32_t key_min = 0x7FFFFFFF, key_max = -0x7FFFFFFF - 1;
+  std::uint32_t special = 0;
+  for (index_t i = lane; i < n; i += 32) {
+    const std::uint32_t u = float_to_bits(load(i));
+    special |= (u & 0x7F800000u) + 0x00800000u;
+    const std::int32_t key = float_order_key(u);
+    key_min = key < key_min ? key : key_min;
+    key_max = key > key_max ? key : key_max;
+  }
+  key_min = __reduce_min_sync(0xffffffffu, key_min);
+  key_max = __reduce_max_sync(0xffffffffu, key_max);
+  special = __reduce_or_sync(0xffffffffu, special);
+  if ((special >> 31) != 0) return Status::kNonFiniteInput;
+  const float mn = bits_to_float(static_cast<std::uint32_t>(float_order_key(static_cast<std::uint32_t>(key_min))));
+  const float mx = bits_to_float(static_cast<std::uint32_t>(float_order_key(static_cast<std::uint32_t>(key_max))));
+  QuantGrid grid{};
+  const Status st = make_group_params<Meta>(mn, mx, clip, BitsTraits<B>::max_code, params, &grid);
+  if (st != Status::kOk) return st;
+  std::uint8_t* out = stream + first / per_byte;
+  for (index_t j = lane; j < n / per_byte; j += 32) {
+    unsigned byte = 0;
+#pragma unroll
+    for (int k = 0; k < per_byte; ++k) byte |= static_cast<unsigned>(quantize_value(load(j * per_byte + k), grid)) << (k * bits);
+    out[j] = static_cast<std::uint8_t>(byte);
+  }
+  return Status::kOk;
+}
+#endif
+
 // As constants (device code may not call constexpr host functions).
 template <class S>
 inline constexpr bool kPerChannel = stream_per_channel<S>();
@@ -384,6 +427,37 @@ struct AppendWork {
     return block_at(s, e.id(key, bi - (q0 + t - 1) / t));
   }
 
+  /// quantize_group, and quantize_group_warp where 32 lanes share each group.
+  struct SerialQuantize {
+    template <Bits B, class Meta, class Load>
+    KVQ_HOST_DEVICE Status run(const Load& load, index_t n, float clip, std::uint8_t* stream, std::size_t first,
+                               GroupParams<Meta>* params) const noexcept {
+      return quantize_group<B>(load, n, clip, stream, first, params);
+    }
+  };
+#if KVQ_DEVICE_PASS
+  struct WarpQuantize {
+    int lane;
+    template <Bits B, class Meta, class Load>
+    __device__ Status run(const Load& load, index_t n, float clip, std::uint8_t* stream, std::size_t first,
+                          GroupParams<Meta>* params) const noexcept {
+      return detail::quantize_group_warp<B>(load, n, clip, stream, first, params, lane);
+    }
+  };
+#endif
+  /// Calls body(item, quantize, leader) for items [0, count): on the device a warp per item
+  /// (its lanes quantize together, lane 0 is the leader that stores the parameters), on the host
+  /// (the lockstep test of this body) a thread per item. Same bytes either way.
+  template <class Body>
+  KVQ_HOST_DEVICE static void for_each_group(std::int32_t count, int tid, int threads, const Body& body) noexcept {
+#if KVQ_DEVICE_PASS
+    const int lane = tid % 32;
+    for (std::int32_t item = tid / 32; item < count; item += threads / 32) body(item, WarpQuantize{lane}, lane == 0);
+#else
+    for (std::int32_t item = tid; item < count; item += threads) body(item, SerialQuantize{}, true);
+#endif
+  }
+
   template <class S>
   KVQ_HOST_DEVICE static void flush_stream(const AppendArgs& a, const PlanEntry& e, bool key, const E* input, std::int32_t c0,
                                            std::int32_t c1, int tid, int threads) noexcept {
@@ -401,40 +475,42 @@ struct AppendWork {
       using Meta = meta_type_t<S::meta>;
       constexpr std::int32_t G = S::group_size;
       const std::int32_t groups = (q1 - q0) / G;
-      for (std::int32_t item = tid; item < groups * w; item += threads) {
+      for_each_group(groups * w, tid, threads, [&](std::int32_t item, auto quantize, bool leader) {
         const std::int32_t i = q0 + (item / w) * G;
         const std::int32_t c = c0 + item % w;
         std::uint8_t* block = flush_block(s, e, key, i);
         const std::int32_t row = i % t;
         const detail::ChannelLoader<E> load{rows, s.sinks + i, c};
         GroupParams<Meta> p{};
-        const Status status = quantize_group<B>(load, G, st.clip, s.block.line_codes(block, c), static_cast<std::size_t>(row), &p);
+        const Status status = quantize.template run<B>(load, G, st.clip, s.block.line_codes(block, c), static_cast<std::size_t>(row), &p);
+        if (!leader) return;
         if (status == Status::kOk) {
           s.block.store_group<Meta>(block, c, s.block.token_group(row), p);
         } else {
           detail::record_failure(a.status, status, a.layer, slot, s.sinks + i, !key);
         }
-      }
+      });
     } else if constexpr (detail::kPerToken<S>) {
       // Groups of G channels of one token row.
       constexpr Bits B = S::bits;
       using Meta = meta_type_t<S::meta>;
       constexpr std::int32_t G = S::group_size;
       const std::int32_t groups = w / G, g0 = c0 / G;
-      for (std::int32_t item = tid; item < (q1 - q0) * groups; item += threads) {
+      for_each_group((q1 - q0) * groups, tid, threads, [&](std::int32_t item, auto quantize, bool leader) {
         const std::int32_t i = q0 + item / groups;
         const std::int32_t g = g0 + item % groups;
         std::uint8_t* block = flush_block(s, e, key, i);
         const std::int32_t row = i % t;
         const ContiguousLoader<E> load{rows.row(s.sinks + i) + g * G};
         GroupParams<Meta> p{};
-        const Status status = quantize_group<B>(load, G, st.clip, s.block.line_codes(block, row), static_cast<std::size_t>(g * G), &p);
+        const Status status = quantize.template run<B>(load, G, st.clip, s.block.line_codes(block, row), static_cast<std::size_t>(g * G), &p);
+        if (!leader) return;
         if (status == Status::kOk) {
           s.block.store_group<Meta>(block, row, g, p);
         } else {
           detail::record_failure(a.status, status, a.layer, slot, s.sinks + i, !key);
         }
-      }
+      });
     } else {
       // Exact blocks [block_tokens][width].
       for (std::int32_t item = tid; item < (q1 - q0) * w; item += threads) {

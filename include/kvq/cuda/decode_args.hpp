@@ -40,13 +40,18 @@ struct DecodeAttentionArgs {
   std::size_t workspace_bytes = 0;
 };
 
-/// Pieces per (entry, kv head) for a batch whose longest sequence holds max_blocks full blocks,
-/// so that the grid fills `sm_count` multiprocessors about `waves` times (at least one block a
-/// piece, at most max_splits pieces).
+/// Pieces of whole blocks per (entry, kv head) for a batch whose longest sequence holds
+/// max_blocks full blocks, so that the grid's thread blocks (num_splits + window_pieces per entry
+/// and kv head) fill `sm_count` multiprocessors at `ctas_per_sm` about once: the window pieces
+/// take their share of the wave while that leaves at least half of it to the splits (at least
+/// one block per warp of a piece, at most max_splits pieces). decode_splits_for<Policy>
+/// (cuda/decode_attention.cuh) fills in the kernel's window pieces and occupancy.
 inline std::int32_t decode_splits(std::int32_t batch, std::int32_t num_kv_heads, std::int32_t max_blocks,
-                                  std::int32_t sm_count, std::int32_t ctas_per_sm = 2, std::int32_t max_splits = 64) {
+                                  std::int32_t sm_count, std::int32_t ctas_per_sm = 2, std::int32_t max_splits = 64,
+                                  std::int32_t window_pieces = 0) {
   const std::int64_t items = static_cast<std::int64_t>(batch) * num_kv_heads;
-  const std::int64_t want = std::max<std::int64_t>(1, (static_cast<std::int64_t>(sm_count) * ctas_per_sm + items - 1) / items);
+  const std::int64_t wave = (static_cast<std::int64_t>(sm_count) * ctas_per_sm + items - 1) / items;
+  const std::int64_t want = std::max<std::int64_t>({1, wave - window_pieces, (wave + 1) / 2});
   const std::int64_t by_work = std::max<std::int64_t>(1, max_blocks / 4);  // at least one block per warp
   return static_cast<std::int32_t>(std::max<std::int64_t>(1, std::min<std::int64_t>({want, by_work, max_splits})));
 }

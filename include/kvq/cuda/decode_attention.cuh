@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
 
@@ -66,6 +67,50 @@ struct DecodeKernelOf<KiviPolicy<KB, VB, G, R>> {
 template <class Policy>
 constexpr std::int32_t decode_pieces(std::int32_t num_splits) noexcept {
   return num_splits + detail::DecodeKernelOf<Policy>::window_pieces;
+}
+
+namespace detail {
+/// The kernel of decode_attention<Policy, TQ> for head_dim D, its dynamic shared memory allowed
+/// (once per process); nullptr when that fails.
+template <class Policy, class TQ, int D>
+void* configured_kernel() {
+  using K = DecodeKernelOf<Policy>;
+  void* kernel = K::template kernel<TQ, D>();
+  static const cudaError_t configured =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::template smem<D>());
+  return configured == cudaSuccess ? kernel : nullptr;
+}
+}  // namespace detail
+
+/// num_splits for decode_attention<Policy, TQ> on the current device (decode_splits with this
+/// device's multiprocessors and the kernel's occupancy and window pieces). Host only; reads
+/// device attributes, launches nothing (may be called while a stream is being captured).
+/// Returns 1 when the device cannot be queried.
+template <class Policy, class TQ = typename detail::DecodeKernelOf<Policy>::exact>
+std::int32_t decode_splits_for(std::int32_t batch, std::int32_t num_kv_heads, std::int32_t head_dim, std::int32_t max_blocks) {
+  using K = detail::DecodeKernelOf<Policy>;
+  if constexpr (!K::supported) {
+    return 1;
+  } else {
+    int device = 0, sms = 0, ctas = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 1;
+    }
+    auto occupancy = [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      void* kernel = detail::configured_kernel<Policy, TQ, D>();
+      if (kernel == nullptr ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, detail::kDecodeThreads, K::template smem<D>()) != cudaSuccess) {
+        ctas = 1;
+      }
+    };
+    if (head_dim == 64) {
+      occupancy(std::integral_constant<int, 64>{});
+    } else {
+      occupancy(std::integral_constant<int, 128>{});
+    }
+    return decode_splits(batch, num_kv_heads, max_blocks, sms, std::max(ctas, 1), 64, K::window_pieces);
+  }
 }
 
 /// Workspace bytes of decode attention with these shapes.
@@ -145,11 +190,9 @@ Status decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream) {
                     static_cast<unsigned>(a.batch));
     auto launch = [&](auto dim) -> Status {
       constexpr int D = decltype(dim)::value;
-      void* kernel = K::template kernel<TQ, D>();
+      void* kernel = detail::configured_kernel<Policy, TQ, D>();
       constexpr int smem = K::template smem<D>();
-      static const cudaError_t configured =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (configured != cudaSuccess) return Status::kCudaError;
+      if (kernel == nullptr) return Status::kCudaError;
       DecodeAttentionArgs copy = a;
       void* params[] = {&copy};
       return to_status(cudaLaunchKernel(kernel, grid, dim3(detail::kDecodeThreads), params, smem, stream));

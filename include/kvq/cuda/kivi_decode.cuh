@@ -4,12 +4,13 @@
 ///        values per token, fp16 metadata, block of 128 tokens), tensor cores reading the codes
 ///        straight from the block bytes. nvcc only.
 ///
-/// Grid (num_kv_heads, pieces, batch), 128 threads. Pieces 0 .. pieces - 2 share the blocks whose
-/// keys and values are both quantized; each warp of a piece takes every 4th of them and streams
-/// its kv head's part of each block (key codes and metadata contiguous, value rows of
-/// head_dim * bits / 8 bytes, value metadata a contiguous run: layout/block_layout.hpp) into a
-/// two-stage shared-memory ring with cp.async. The last piece does the rest (the blocks that are
-/// partly exact, the fp16 window) from rows dequantized into shared memory.
+/// Grid (num_kv_heads, pieces, batch), 128 threads. Pieces kTailPieces .. pieces - 1 share the
+/// blocks whose keys and values are both quantized; each warp of a piece takes every 4th of them
+/// and streams its kv head's part of each block (key codes and metadata contiguous, value rows of
+/// head_dim * bits / 8 bytes, value metadata a contiguous run: layout/block_layout.hpp) into its
+/// shared-memory stage with cp.async (warps in flight, up to 12 per SM, hide the loads). Pieces 0 .. kTailPieces - 1 (first in the grid, so
+/// that they run beside the others rather than after them) do the rest, 64 positions each (the
+/// blocks that are partly exact, the fp16 window), from rows dequantized into shared memory.
 ///
 /// One block of one kv head, per warp (lane = 4g + t):
 /// - scores S [128 tokens][8 heads] = K Q^T as 8 x (head_dim / 16) mma m16n8k16. Row r of token
@@ -73,11 +74,21 @@ struct KiviTile {
   static constexpr int kTailKeyStride = D + 8;
   static constexpr int kTailValueStride = kTailTokens + 8;
   static constexpr int kTailBytes = (kTailTokens * kTailKeyStride + D * kTailValueStride) * 2;
+  /// The queries' B fragments [kChunks][2][32 lanes] of uint32, after the warps' stages.
+  static constexpr int kQueryBytes = kChunks * 2 * 32 * 4;
+  /// Shared memory of one SM (H100 / H200) and what the runtime reserves per thread block.
+  static constexpr int kSmPerSm = 233472, kSmReserved = 1024;
+  static constexpr int kQueryFrags = kDecodeWarps * kStage;
   static constexpr int kSmem = [] {
-    int s = 2 * kDecodeWarps * kStage;
+    int s = kQueryFrags + kQueryBytes;
     if (s < kTailBytes) s = kTailBytes;
     if (s < static_cast<int>(sizeof(WarpMergeSmem<D>))) s = static_cast<int>(sizeof(WarpMergeSmem<D>));
     return s;
+  }();
+  /// Thread blocks per SM that shared memory allows (at most 3): ptxas fits the registers to it.
+  static constexpr int kMinBlocks = [] {
+    const int n = kSmPerSm / (kSmem + kSmReserved);
+    return n < 1 ? 1 : n > 3 ? 3 : n;
   }();
   static_assert(kValueRow % 16 == 0 && kKeyLine % 16 == 0, "kvq: KIVI tile rows must be whole 16-byte chunks");
 };
@@ -173,44 +184,40 @@ __device__ __forceinline__ void issue_stage(std::uint8_t* st, const std::uint8_t
 /// One staged block of one kv head through the warp's softmax state (see the file comment).
 template <class Tile, int KBITS, int VBITS, int KG, int VG, int D>
 __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLanes<Tile::kChunks>& sm,
-                                             const std::uint32_t (&qraw)[Tile::kChunks][2], float qscale, int g, int t) {
+                                             const std::uint32_t* qfrag, float qscale, int g, int t) {
   constexpr int KC = Tile::kChunks;
   // ---- scores ----
   // Folded keys: B = q * scale as an fp16 pair hi + lo (two mmas: the product keeps 22 bits),
   // the zero-points as one bias per head. Scores are scaled by qscale (softmax scale * log2 e)
   // in fp32 after the mma, so the fp16 queries enter unrounded.
-  std::uint32_t bk[KC][2], bl[KC][2];
-  float bias0 = 0.0f, bias1 = 0.0f;
-  if constexpr (Tile::kFoldKeys) {
+  // Each k-chunk's B is made just before its mmas (keeps 4 registers live, not 4 KC).
+  float part = 0.0f;
+  auto fold_chunk = [&](int kc, const std::uint32_t (&qk)[2], std::uint32_t (&bk)[2], std::uint32_t (&bl)[2]) {
     const std::uint8_t* ks = st + Tile::kKeyScales;
     const std::uint8_t* kz = st + Tile::kKeyZeros;
-    float part = 0.0f;
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int ca = 16 * kc + t + 8 * r, cb = ca + 4;
-        const float2 q = __half22float2(bits_h2(qraw[kc][r]));
-        const float xa = q.x * half_at(ks, ca), xb = q.y * half_at(ks, cb);
-        const __half2 hi = __floats2half2_rn(xa, xb);
-        const float2 hf = __half22float2(hi);
-        bk[kc][r] = h2_bits(hi);
-        bl[kc][r] = h2_bits(__floats2half2_rn(xa - hf.x, xb - hf.y));
-        part = fmaf(q.x, half_at(kz, ca), part);
-        part = fmaf(q.y, half_at(kz, cb), part);
-      }
+    for (int r = 0; r < 2; ++r) {
+      const int ca = 16 * kc + t + 8 * r, cb = ca + 4;
+      const float2 q = __half22float2(bits_h2(qk[r]));
+      const float xa = q.x * half_at(ks, ca), xb = q.y * half_at(ks, cb);
+      const __half2 hi = __floats2half2_rn(xa, xb);
+      const float2 hf = __half22float2(hi);
+      bk[r] = h2_bits(hi);
+      bl[r] = h2_bits(__floats2half2_rn(xa - hf.x, xb - hf.y));
+      part = fmaf(q.x, half_at(kz, ca), part);
+      part = fmaf(q.y, half_at(kz, cb), part);
     }
-    part += __shfl_xor_sync(0xffffffffu, part, 1);
-    part += __shfl_xor_sync(0xffffffffu, part, 2);
-    bias0 = __shfl_sync(0xffffffffu, part, 8 * t);
-    bias1 = __shfl_sync(0xffffffffu, part, 8 * t + 4);
-  }
+  };
   float s[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-#pragma unroll
+  // Not unrolled: one k-chunk's codes, queries and B in registers at a time (the scores and the
+  // accumulator stay; unrolled, ptxas takes 255 registers and two thread blocks per SM).
+  const int lane = 4 * g + t;
+#pragma unroll 1
   for (int kc = 0; kc < KC; ++kc) {
     const int ca = 16 * kc + t;
+    const std::uint32_t qk[2] = {qfrag[(2 * kc) * 32 + lane], qfrag[(2 * kc + 1) * 32 + lane]};
     const uint2 wa = load_run<Tile::kLaneKeyBytes>(st + ca * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
     const uint2 wb = load_run<Tile::kLaneKeyBytes>(st + (ca + 4) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
     const uint2 wc = load_run<Tile::kLaneKeyBytes>(st + (ca + 8) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
@@ -226,6 +233,8 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
       scd = half_pair(ks, (ca + 8) * G + grp, (ca + 12) * G + grp);
       zcd = half_pair(kz, (ca + 8) * G + grp, (ca + 12) * G + grp);
     }
+    std::uint32_t bk[2], bl[2];
+    if constexpr (Tile::kFoldKeys) fold_chunk(kc, qk, bk, bl);
     auto tile = [&](auto ic) {
       constexpr int i = decltype(ic)::value;
       std::uint32_t a[4];
@@ -238,22 +247,31 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
         a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
         a[2] = h2_bits(__hfma2(bits_h2(a[2]), scd, zcd));
         a[3] = h2_bits(__hfma2(bits_h2(a[3]), scd, zcd));
-        ptx::mma_16816<__half>(s[i], a, qraw[kc]);
+        ptx::mma_16816<__half>(s[i], a, qk);
       } else {
-        ptx::mma_16816<__half>(s[i], a, bk[kc]);
-        ptx::mma_16816<__half>(s[i], a, bl[kc]);
+        ptx::mma_16816<__half>(s[i], a, bk);
+        ptx::mma_16816<__half>(s[i], a, bl);
       }
     };
     static_for<8>(tile);
   }
+  float bias0 = 0.0f, bias1 = 0.0f;  // the folded zero-points' q . zero of heads 2t, 2t + 1
+  if constexpr (Tile::kFoldKeys) {
+    part += __shfl_xor_sync(0xffffffffu, part, 1);
+    part += __shfl_xor_sync(0xffffffffu, part, 2);
+    bias0 = __shfl_sync(0xffffffffu, part, 8 * t);
+    bias1 = __shfl_sync(0xffffffffu, part, 8 * t + 4);
+  }
   // ---- softmax ----
   float mx0 = -INFINITY, mx1 = -INFINITY;
+  bias0 *= qscale;
+  bias1 *= qscale;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    s[i][0] = (s[i][0] + bias0) * qscale;
-    s[i][1] = (s[i][1] + bias1) * qscale;
-    s[i][2] = (s[i][2] + bias0) * qscale;
-    s[i][3] = (s[i][3] + bias1) * qscale;
+    s[i][0] = fmaf(s[i][0], qscale, bias0);
+    s[i][1] = fmaf(s[i][1], qscale, bias1);
+    s[i][2] = fmaf(s[i][2], qscale, bias0);
+    s[i][3] = fmaf(s[i][3], qscale, bias1);
     mx0 = fmaxf(mx0, fmaxf(s[i][0], s[i][2]));
     mx1 = fmaxf(mx1, fmaxf(s[i][1], s[i][3]));
   }
@@ -350,13 +368,29 @@ __device__ __forceinline__ uint4 stream_octet(const PagedStream& s, int slot, in
   }
   uint4 r;
   __half* h = reinterpret_cast<__half*>(&r);
+  if constexpr (!PER_CHANNEL && GROUP % 8 == 0) {
+    // Per-token line: the 8 codes are 8 * BITS contiguous bits of row i's line, in one group.
+    const int i = p - s.sinks;
+    const std::uint8_t* block = s.block_of(slot, i);
+    const int row = i % s.block_tokens;
+    const std::uint8_t* codes = s.block.line_codes(block, row) + ch * BITS / 8;
+    const std::uint32_t bits = BITS == 2 ? *reinterpret_cast<const std::uint16_t*>(codes) : *reinterpret_cast<const std::uint32_t*>(codes);
+    const auto prm = s.block.load_group<Float16>(block, row, ch / GROUP);
+    const float scale = prm.scale.to_float(), zero = prm.zero.to_float();
 #pragma unroll
-  for (int x = 0; x < 8; ++x) h[x] = __float2half_rn(stream_value<BITS, GROUP, PER_CHANNEL>(s, slot, p, quantized, ch + x, row_bytes));
+    for (int x = 0; x < 8; ++x) {
+      h[x] = __float2half_rn(dequantize_value((bits >> (x * BITS)) & ((1u << BITS) - 1u), scale, zero));
+    }
+  } else {
+#pragma unroll
+    for (int x = 0; x < 8; ++x) h[x] = __float2half_rn(stream_value<BITS, GROUP, PER_CHANNEL>(s, slot, p, quantized, ch + x, row_bytes));
+  }
   return r;
 }
 
 template <class TQ, int KBITS, int VBITS, int KG, int VG, int D>
-__global__ void __launch_bounds__(kDecodeThreads) kivi_decode_kernel(const DecodeAttentionArgs args) {
+__global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG, D>::kMinBlocks))
+    kivi_decode_kernel(const DecodeAttentionArgs args) {
   using Tile = KiviTile<KBITS, VBITS, KG, VG, D>;
   constexpr int KC = Tile::kChunks;
   extern __shared__ __align__(128) std::uint8_t smem[];
@@ -369,7 +403,7 @@ __global__ void __launch_bounds__(kDecodeThreads) kivi_decode_kernel(const Decod
   const int kq = kv.keys.quantized_tokens[slot], vq = kv.values.quantized_tokens[slot];
   const int group = args.num_q_heads / kv.num_kv_heads;
   const int full = min(kq, vq) / Tile::kTokens;
-  const int splits = pieces - Tile::kTailPieces;
+  const int splits = pieces - Tile::kTailPieces;  // pieces 0 .. kTailPieces - 1 are the tail (scheduled first)
 
   // Queries of the group: raw (folded keys rescale them per block) and times the softmax scale.
   const float qscale = (args.scale > 0.0f ? args.scale : rsqrtf(static_cast<float>(D))) * kLog2e;
@@ -386,29 +420,30 @@ __global__ void __launch_bounds__(kDecodeThreads) kivi_decode_kernel(const Decod
   }
   SoftmaxLanes<KC> sm;
 
-  if (piece < splits) {
+  if (piece >= Tile::kTailPieces) {
     const int per = (full + splits - 1) / splits;
-    const int first = piece * per, last = min(full, first + per);
-    std::uint8_t* stage[2] = {smem + (2 * warp) * Tile::kStage, smem + (2 * warp + 1) * Tile::kStage};
-    int blk = first + warp;
-    if (blk < last) {
-      issue_stage<Tile, VG, D>(stage[0], kv.keys.block_of(slot, blk * Tile::kTokens), kv.values.block_of(slot, blk * Tile::kTokens),
-                        kv, head, lane);
-    }
-    ptx::cp_async_commit();
-    for (int s = 0; blk < last; blk += kDecodeWarps, s ^= 1) {
-      const int next = blk + kDecodeWarps;
-      if (next < last) {
-        issue_stage<Tile, VG, D>(stage[s ^ 1], kv.keys.block_of(slot, next * Tile::kTokens),
-                          kv.values.block_of(slot, next * Tile::kTokens), kv, head, lane);
+    const int first = (piece - Tile::kTailPieces) * per, last = min(full, first + per);
+    // One stage per warp: measured on the H200, a second stage (a double-buffered ring) costs
+    // thread blocks per SM and was 9-37% slower than one (bench/gpu/NOTES.md, 2026-12-03).
+    std::uint8_t* stage = smem + warp * Tile::kStage;
+    auto* qfrag = reinterpret_cast<std::uint32_t*>(smem + Tile::kQueryFrags);
+    if (warp == 0) {
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        qfrag[(2 * kc) * 32 + lane] = qraw[kc][0];
+        qfrag[(2 * kc + 1) * 32 + lane] = qraw[kc][1];
       }
+    }
+    __syncthreads();
+    for (int blk = first + warp; blk < last; blk += kDecodeWarps) {
+      issue_stage<Tile, VG, D>(stage, kv.keys.block_of(slot, blk * Tile::kTokens), kv.values.block_of(slot, blk * Tile::kTokens),
+                               kv, head, lane);
       ptx::cp_async_commit();
-      ptx::cp_async_wait<1>();
+      ptx::cp_async_wait<0>();
       __syncwarp();
-      attend_block<Tile, KBITS, VBITS, KG, VG, D>(stage[s], sm, qraw, qscale, g, t);
+      attend_block<Tile, KBITS, VBITS, KG, VG, D>(stage, sm, qfrag, qscale, g, t);
       __syncwarp();
     }
-    ptx::cp_async_wait<0>();
   } else {
     // The rest: positions [full * 128, length), one chunk of 64 per tail piece, dequantized (or
     // copied) into shared memory, 8 channels an item, every load of a thread issued before its stores.
@@ -416,30 +451,36 @@ __global__ void __launch_bounds__(kDecodeThreads) kivi_decode_kernel(const Decod
     __half* vt = kt + Tile::kTailTokens * Tile::kTailKeyStride;
     const std::size_t row_bytes = kv.exact_row_bytes();
     // Tail piece k takes chunks k, k + 6, ... (a KIVI cache has at most 4; more are still attended).
-    for (int base = full * Tile::kTokens + (piece - splits) * Tile::kTailTokens; base < length;
+    for (int base = full * Tile::kTokens + piece * Tile::kTailTokens; base < length;
          base += Tile::kTailPieces * Tile::kTailTokens) {
       __syncthreads();
+      // Items in batches of 2 (4 uint4 in flight per thread), the batches not unrolled: the
+      // per-channel dequantization of 8 channels is long, and this path sets the kernel's registers.
       constexpr int kItems = Tile::kTailTokens * D / 8 / kDecodeThreads;
-      uint4 kraw[kItems], vraw[kItems];
+      constexpr int kBatch = 2;
+#pragma unroll 1
+      for (int it0 = 0; it0 < kItems; it0 += kBatch) {
+        uint4 kraw[kBatch], vraw[kBatch];
 #pragma unroll
-      for (int it = 0; it < kItems; ++it) {
-        const int e = threadIdx.x + it * kDecodeThreads;
-        const int r = e / (D / 8), c8 = 8 * (e % (D / 8)), p = base + r;
-        kraw[it] = stream_octet<KBITS, KG, true>(kv.keys, slot, p, length, kq, head * D + c8, row_bytes);
-        vraw[it] = stream_octet<VBITS, VG, false>(kv.values, slot, p, length, vq, head * D + c8, row_bytes);
-      }
+        for (int it = 0; it < kBatch; ++it) {
+          const int e = threadIdx.x + (it0 + it) * kDecodeThreads;
+          const int r = e / (D / 8), c8 = 8 * (e % (D / 8)), p = base + r;
+          kraw[it] = stream_octet<KBITS, KG, true>(kv.keys, slot, p, length, kq, head * D + c8, row_bytes);
+          vraw[it] = stream_octet<VBITS, VG, false>(kv.values, slot, p, length, vq, head * D + c8, row_bytes);
+        }
 #pragma unroll
-      for (int it = 0; it < kItems; ++it) {
-        const int e = threadIdx.x + it * kDecodeThreads;
-        const int r = e / (D / 8), c8 = 8 * (e % (D / 8));
-        const __half* kh = reinterpret_cast<const __half*>(&kraw[it]);
-        const __half* vh = reinterpret_cast<const __half*>(&vraw[it]);
+        for (int it = 0; it < kBatch; ++it) {
+          const int e = threadIdx.x + (it0 + it) * kDecodeThreads;
+          const int r = e / (D / 8), c8 = 8 * (e % (D / 8));
+          const __half* kh = reinterpret_cast<const __half*>(&kraw[it]);
+          const __half* vh = reinterpret_cast<const __half*>(&vraw[it]);
 #pragma unroll
-        for (int x = 0; x < 8; ++x) {
-          const int c = c8 + x;
-          kt[r * Tile::kTailKeyStride + rho_column(c)] = kh[x];
-          const int lg = c / Tile::kLaneChannels, rem = c % Tile::kLaneChannels;
-          vt[((rem / 2) * 16 + (rem % 2) * 8 + lg) * Tile::kTailValueStride + r] = vh[x];
+          for (int x = 0; x < 8; ++x) {
+            const int c = c8 + x;
+            kt[r * Tile::kTailKeyStride + rho_column(c)] = kh[x];
+            const int lg = c / Tile::kLaneChannels, rem = c % Tile::kLaneChannels;
+            vt[((rem / 2) * 16 + (rem % 2) * 8 + lg) * Tile::kTailValueStride + r] = vh[x];
+          }
         }
       }
       __syncthreads();
