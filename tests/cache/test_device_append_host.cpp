@@ -72,6 +72,19 @@ struct EmulatedDevice {
     std::memcpy(arrays.exact.data(), seqs.exact_data(), static_cast<std::size_t>(seqs.slots() * seqs.slot_stride()) * sizeof(E));
     planner_.tables(arrays.key_table, arrays.value_table, arrays.key_quantized, arrays.value_quantized, arrays.lengths);
   }
+
+  /// DeviceKVCache::download's host half: the mirror into QuantizedKVCache::restore, memcpy for cudaMemcpy.
+  void download(kvq::QuantizedKVCache<P>& host) const {
+    planner_.check_host_config("kvq::cuda::DeviceKVCache::download", host.config());
+    host.restore(planner_.sequences(), planner_.key_ids(), planner_.value_ids(), [&](const kvq::CacheBytes& b) {
+      REQUIRE(b.key_pool_bytes == arrays.key_pool.size());
+      REQUIRE(b.value_pool_bytes == arrays.value_pool.size());
+      REQUIRE(b.exact_bytes <= arrays.exact.size());
+      std::memcpy(b.key_pool, arrays.key_pool.data(), b.key_pool_bytes);
+      std::memcpy(b.value_pool, arrays.value_pool.data(), b.value_pool_bytes);
+      if (b.exact_bytes > 0) std::memcpy(b.exact, arrays.exact.data(), b.exact_bytes);
+    });
+  }
 };
 
 template <class P>
@@ -198,4 +211,126 @@ TEST_CASE("device append: a non-finite input is recorded with its layer, slot an
   dev.append({a, b}, n, k, v);
   REQUIRE(dev.status.status == static_cast<unsigned>(kvq::Status::kNonFiniteInput));
   REQUIRE(dev.status.first == ((1ull << 52) | (static_cast<unsigned long long>(b) << 32) | (2ull << 1) | 1ull));
+}
+
+namespace {
+
+/// A CPU cache of `cfg` with a ragged batch of three sequences, a fork and a free (the same for
+/// the same seed).
+template <class P>
+void fill_ragged(kvq::QuantizedKVCache<P>& cpu, std::uint64_t seed) {
+  using E = typename kvq::QuantizedKVCache<P>::exact_type;
+  kvq::Rng rng(seed);
+  const auto bias = kvq_test::make_bias(rng, cpu.width());
+  const kvq::SequenceId a = cpu.add_sequence(), b = cpu.add_sequence(), c = cpu.add_sequence();
+  for (auto [s, n] : {std::pair{a, 300}, std::pair{b, 17}, std::pair{c, 140}}) {
+    for (index_t l = 0; l < cpu.config().num_layers; ++l) {
+      const auto k = kvq_test::random_exact_rows<E>(rng, n, bias);
+      const auto v = kvq_test::random_exact_rows<E>(rng, n, bias);
+      cpu.append(s, l, k.data(), v.data(), n);
+    }
+  }
+  (void)cpu.fork(a);  // shares a's full blocks (reference counts 2)
+  cpu.free(b);        // a free slot, free blocks amid the free list
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("device download (host run): after ragged appends across flushes it equals the CPU cache",
+                   "[cache][device][download]", Fp16, Bf16, Kivi2g32, Kivi4g128, Kivi42g32) {
+  using P = TestType;
+  const std::uint64_t seed = kvq_test::case_seed("device download host", 0);
+  CAPTURE(seed, P::name());
+  const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
+  kvq::QuantizedKVCache<P> cpu(cfg);
+  EmulatedDevice<P> dev(cfg, kvq_test::device_test_limits(), false);
+  kvq_test::Lockstep<P, EmulatedDevice<P>> run(cpu, dev, seed);
+  run.run(40);
+  REQUIRE(cpu.key_counts(3, 0).quantized >= 2 * P::block_tokens);  // blocks were flushed
+  (void)run.add();  // live but empty: the device's rows of its slot are garbage, the host's zero
+  kvq::QuantizedKVCache<P> fresh(cfg);
+  kvq_test::require_download_equals(dev, fresh, cpu, seed + 1);
+  // Into a cache that held other sequences: everything it held is replaced.
+  kvq::QuantizedKVCache<P> used(cfg);
+  fill_ragged(used, seed + 2);
+  kvq_test::require_download_equals(dev, used, cpu, seed + 3);
+}
+
+TEST_CASE("device download (host run): upload then download round-trips a cache with forks and free slots",
+          "[cache][device][download]") {
+  using P = Kivi2g32;
+  const std::uint64_t seed = kvq_test::case_seed("device roundtrip host", 0);
+  CAPTURE(seed);
+  const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
+  kvq::QuantizedKVCache<P> cpu(cfg);
+  fill_ragged(cpu, seed);
+  EmulatedDevice<P> dev(cfg, kvq_test::device_test_limits(), false);
+  dev.upload(cpu);
+  kvq::QuantizedKVCache<P> back(cfg);
+  kvq_test::require_download_equals(dev, back, cpu, seed + 1);
+  REQUIRE(back.key_pool().ids().refs(back.sequences().layer(0, 0).key.blocks[0]) == 2);  // the fork's share
+  // The downloaded cache carries on like the original.
+  kvq_test::Lockstep<P, EmulatedDevice<P>> run(cpu, dev, seed + 2);
+  for (int t = 0; t < 130; ++t) run.append({0, 2, 3}, 1);
+  kvq_test::require_download_equals(dev, back, cpu, seed + 3);
+}
+
+TEST_CASE("device download / QuantizedKVCache::restore: errors name the argument and leave the cache unchanged",
+          "[cache][device][download]") {
+  using P = Kivi2g32;
+  using E = kvq::QuantizedKVCache<P>::exact_type;
+  const std::uint64_t seed = kvq_test::case_seed("device download errors", 0);
+  const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
+  kvq::QuantizedKVCache<P> cpu(cfg);
+  fill_ragged(cpu, seed);
+  EmulatedDevice<P> dev(cfg, kvq_test::device_test_limits(), false);
+  dev.upload(cpu);
+
+  kvq::CacheConfig other = cfg;
+  other.num_blocks += 1;
+  kvq::QuantizedKVCache<P> wrong(other), twin(other);
+  fill_ragged(wrong, seed + 1);
+  fill_ragged(twin, seed + 1);
+  kvq_test::require_error([&] { dev.download(wrong); },
+                          {"kvq::cuda::DeviceKVCache::download", "argument 'host' = 'a cache of 2 layers, 4 kv heads of 64",
+                           kvq::detail::concat(other.num_blocks, " blocks"), "the device cache's config"});
+  REQUIRE(kvq_test::compare_caches(wrong, twin).empty());
+
+  kvq::QuantizedKVCache<P> host(cfg), host_twin(cfg);
+  fill_ragged(host, seed + 2);
+  fill_ragged(host_twin, seed + 2);
+  const kvq::cuda::AppendPlanner<P>& pl = dev.planner();
+  auto no_fill = [](const kvq::CacheBytes&) { FAIL("fill must not run when the bookkeeping is rejected"); };
+  kvq_test::require_error([&] { host.restore(kvq::SequenceTable<E>(3, kvq::ExactRows{}), pl.key_ids(), pl.value_ids(), no_fill); },
+                          {"kvq::QuantizedKVCache::restore", "argument 'sequences' = 'a table of 3 layers", "num_layers = 2"});
+  kvq_test::require_error([&] { host.restore(pl.sequences(), kvq::BlockIdAllocator(cfg.num_blocks + 1), pl.value_ids(), no_fill); },
+                          {"argument 'key_ids' = 'ids of", "config().num_blocks"});
+  kvq_test::require_error([&] { host.restore(pl.sequences(), pl.key_ids(), kvq::BlockIdAllocator(cfg.num_blocks), no_fill); },
+                          {"argument 'value_ids' = 'block 0 with 0 references", "uses of the live sequences' block tables"});
+  kvq::SequenceTable<E> bad = pl.sequences();
+  bad.layer(0, 1).value.counts.length += 1;
+  kvq_test::require_error([&] { host.restore(bad, pl.key_ids(), pl.value_ids(), no_fill); },
+                          {"argument 'sequences' = 'sequence 0 layer 1: 300 key and 301 value tokens"});
+  bad = pl.sequences();
+  bad.layer(2, 0).key.counts.quantized = 0;  // 140 tokens: 128 quantized, 12 in the window; 140 do not fit the ring
+  kvq_test::require_error([&] { host.restore(bad, pl.key_ids(), pl.value_ids(), no_fill); },
+                          {"sequence 2 layer 0 keys: 140 tokens, 0 quantized", "window rule"});
+  bad = pl.sequences();
+  bad.layer(2, 1).key.blocks.push_back(0);
+  kvq_test::require_error([&] { host.restore(bad, pl.key_ids(), pl.value_ids(), no_fill); },
+                          {"sequence 2 layer 1 keys: 2 blocks", "1 blocks of 128 tokens for 128 quantized tokens"});
+  bad = pl.sequences();
+  bad.layer(2, 1).value.blocks[0] = static_cast<std::int32_t>(cfg.num_blocks);
+  kvq_test::require_error([&] { host.restore(bad, pl.key_ids(), pl.value_ids(), no_fill); },
+                          {kvq::detail::concat("block id ", cfg.num_blocks), "block ids in 0.."});
+  // A failing copy: the new storage is dropped.
+  REQUIRE_THROWS_AS(host.restore(pl.sequences(), pl.key_ids(), pl.value_ids(),
+                                 [](const kvq::CacheBytes& b) {
+                                   std::memset(b.key_pool, 0xEE, b.key_pool_bytes);
+                                   throw kvq::Error(kvq::Status::kCudaError, "copy failed");
+                                 }),
+                    kvq::Error);
+  REQUIRE(kvq_test::compare_caches(host, host_twin).empty());
+  dev.download(host);  // and a valid one then succeeds
+  REQUIRE(kvq_test::compare_caches(host, cpu).empty());
 }

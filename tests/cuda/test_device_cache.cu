@@ -4,8 +4,10 @@
 // and after every step the device's key/value blocks of every (slot, layer), its exact rows,
 // block tables and counts are byte-identical to the CPU cache fed the same tokens
 // (kvq_test::compare_with_cpu). Also: decode steps replayed from a CUDA graph, upload() of a CPU
-// cache (with a fork), out of capacity (cache unchanged), non-finite input (check_status), and
-// paged(). The same planner and kernel body run on the host in tests/cache/test_device_append_host.cpp.
+// cache (with a fork), download() into a host cache (byte-identical to the CPU cache, same CPU
+// attention; round trip upload -> download; a config mismatch leaves the host cache unchanged),
+// out of capacity (cache unchanged), non-finite input (check_status), and paged(). The same planner
+// and kernel body run on the host in tests/cache/test_device_append_host.cpp (download too).
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -67,6 +69,7 @@ struct GpuDevice {
   void free(kvq::SequenceId s) { cache.free(s); }
   kvq::cuda::DeviceCacheContents contents() const { return cache.contents(); }
   void upload(const kvq::QuantizedKVCache<P>& cpu) { cache.upload(cpu); }
+  void download(kvq::QuantizedKVCache<P>& host) const { cache.download(host); }
 
   void launch_step(index_t batch, index_t n) {
     REQUIRE(cache.upload_plan(stream) == kvq::Status::kOk);
@@ -189,6 +192,90 @@ TEST_CASE("device cache: upload() of a CPU cache reproduces its bytes, then appe
   for (int t = 0; t < 140; ++t) run.append({c, d, a, f}, 1);
   run.free(a);  // f keeps the shared blocks
   for (int t = 0; t < 10; ++t) run.append({f, c}, 1);
+}
+
+namespace {
+
+/// Lockstep appends (ragged prefill chunks, decode steps across flushes, a reused slot; decode
+/// steps from a CUDA graph when `graph`), then download() into a fresh host cache and into one
+/// that held other sequences: both equal the CPU cache byte for byte, with the same attention.
+template <class P>
+void run_download(const char* name, bool graph, int decode) {
+  const std::uint64_t seed = kvq_test::case_seed(name, 0);
+  CAPTURE(seed, P::name(), graph);
+  const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
+  kvq::QuantizedKVCache<P> cpu(cfg);
+  GpuDevice<P> dev(cfg, kvq_test::device_test_limits(), graph);
+  kvq_test::Lockstep<P, GpuDevice<P>> run(cpu, dev, seed);
+  run.run(decode);
+  REQUIRE(cpu.key_counts(3, 0).quantized >= 2 * P::block_tokens);  // blocks were flushed
+  kvq::QuantizedKVCache<P> fresh(cfg);
+  kvq_test::require_download_equals(dev, fresh, cpu, seed + 1);
+  (void)run.add();  // live but empty: its device rows are stale until its first append; the host's are zero
+  kvq::QuantizedKVCache<P> used(cfg);
+  const kvq::SequenceId u = used.add_sequence();
+  const auto bias = kvq_test::make_bias(run.rng, cpu.width());
+  for (index_t l = 0; l < 2; ++l) {
+    const auto k = kvq_test::random_exact_rows<typename P::exact_type>(run.rng, 200, bias);
+    used.append(u, l, k.data(), k.data(), 200);
+  }
+  kvq_test::require_download_equals(dev, used, cpu, seed + 2);
+}
+
+}  // namespace
+
+TEST_CASE("device cache: download() after ragged appends equals the CPU cache byte for byte", "[cuda][device_cache][download]") {
+  run_download<Kivi2g32>("device download kivi2 g32", false, 60);
+  run_download<Kivi4g128>("device download kivi4 g128", false, 60);
+  run_download<Fp16>("device download fp16", false, 40);
+  run_download<Bf16>("device download bf16", false, 20);
+  run_download<Kivi2g128>("device download graph kivi2 g128", true, 60);
+}
+
+TEST_CASE("device cache: upload() then download() round-trips a CPU cache; a wrong config changes nothing",
+          "[cuda][device_cache][download]") {
+  using P = Kivi2g32;
+  const std::uint64_t seed = kvq_test::case_seed("device roundtrip", 0);
+  CAPTURE(seed);
+  const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
+  kvq::QuantizedKVCache<P> cpu(cfg);
+  kvq::Rng rng(seed);
+  const auto bias = kvq_test::make_bias(rng, cpu.width());
+  const kvq::SequenceId a = cpu.add_sequence(), b = cpu.add_sequence(), c = cpu.add_sequence();
+  const std::pair<kvq::SequenceId, index_t> fills[] = {{a, 300}, {b, 17}, {c, 140}};
+  for (const auto& [s, n] : fills) {
+    for (index_t l = 0; l < 2; ++l) {
+      const auto k = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
+      const auto v = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
+      cpu.append(s, l, k.data(), v.data(), n);
+    }
+  }
+  const kvq::SequenceId f = cpu.fork(a);  // shares a's full blocks: reference counts 2
+  cpu.free(b);
+  GpuDevice<P> dev(cfg, kvq_test::device_test_limits());
+  dev.upload(cpu);
+  kvq::QuantizedKVCache<P> back(cfg);
+  kvq_test::require_download_equals(dev, back, cpu, seed + 1);
+  // Appends on the device after the upload, then a second download into the same host cache.
+  kvq_test::Lockstep<P, GpuDevice<P>> run(cpu, dev, seed + 2);
+  run.append({c, a, f}, 129);
+  for (int t = 0; t < 20; ++t) run.append({f, c, a}, 1);
+  kvq_test::require_download_equals(dev, back, cpu, seed + 3);
+
+  kvq::CacheConfig other = cfg;
+  other.head_dim = 128;
+  other.num_kv_heads = 2;
+  kvq::QuantizedKVCache<P> wrong(other);
+  const kvq::SequenceId w = wrong.add_sequence();
+  const std::vector<kvq::Float16> row(static_cast<std::size_t>(wrong.width()), kvq::Float16(0.25f));
+  wrong.append(w, 0, row.data(), row.data(), 1);
+  const std::size_t bytes = wrong.memory_bytes();
+  kvq_test::require_error([&] { dev.cache.download(wrong); },
+                          {"kvq::cuda::DeviceKVCache::download", "argument 'host' = 'a cache of 2 layers, 2 kv heads of 128",
+                           "the device cache's config (2 layers, 4 kv heads of 64"});
+  REQUIRE(wrong.is_live(w));
+  REQUIRE(wrong.length(w, 0) == 1);
+  REQUIRE(wrong.memory_bytes() == bytes);
 }
 
 TEST_CASE("device cache: out of capacity throws and leaves the cache unchanged", "[cuda][device_cache]") {

@@ -2,12 +2,13 @@
 /// @file
 /// @brief Helpers of the device cache tests (host-only): a CPU QuantizedKVCache and a device
 ///        cache (the real one, or the host run of its kernel) fed the same tokens in lockstep,
-///        and the byte comparison of the device's arrays with the CPU cache after every step.
+///        the byte comparison of the device's arrays with the CPU cache after every step, and
+///        of a downloaded host cache with the CPU cache (compare_caches, require_download_equals).
 ///
 /// A Device backend provides: add_sequence(), free(seq), append(slots, n, k, v) with k, v host
 /// [num_layers][batch][n][width] of the exact type, upload(cpu), contents() (a
 /// DeviceArrays-like struct: key_pool, value_pool, exact as bytes; key_table, value_table,
-/// key_quantized, value_quantized, lengths as int32) and planner().
+/// key_quantized, value_quantized, lengths as int32), planner() and download(host).
 #pragma once
 
 #include <cstdint>
@@ -101,6 +102,97 @@ std::string compare_with_cpu(const Contents& d, const kvq::cuda::AppendPlanner<P
     }
   }
   return "";
+}
+
+/// "" when two host caches of one config hold the same thing byte for byte: the same slots (live
+/// or free), per live slot and layer the same counts, block ids, block bytes and exact rows
+/// (the whole layer's sinks and rings), the same reference counts and free blocks in both pools
+/// and the same memory_bytes(); else the first difference. (Free blocks' and free slots' stale
+/// bytes are not compared.)
+template <class P>
+std::string compare_caches(const kvq::QuantizedKVCache<P>& got, const kvq::QuantizedKVCache<P>& want) {
+  using E = typename kvq::QuantizedKVCache<P>::exact_type;
+  const kvq::SequenceTable<E>& gs = got.sequences();
+  const kvq::SequenceTable<E>& ws = want.sequences();
+  if (gs.slots() != ws.slots()) return kvq::detail::concat(gs.slots(), " slots, expected ", ws.slots());
+  const kvq::ExactRows& rows = ws.exact_rows();
+  for (kvq::SequenceId s = 0; s < ws.slots(); ++s) {
+    if (gs.is_live(s) != ws.is_live(s)) {
+      return kvq::detail::concat("slot ", s, ws.is_live(s) ? " is live" : " is free", " in the expected cache only");
+    }
+    if (!ws.is_live(s)) continue;
+    for (index_t l = 0; l < want.config().num_layers; ++l) {
+      const std::string where = kvq::detail::concat("slot ", s, " layer ", l, ": ");
+      for (int stream = 0; stream < 2; ++stream) {
+        const bool key = stream == 0;
+        const kvq::StreamState& g = gs.layer(s, l).stream(key);
+        const kvq::StreamState& w = ws.layer(s, l).stream(key);
+        const char* name = key ? "keys" : "values";
+        if (g.counts.length != w.counts.length || g.counts.quantized != w.counts.quantized) {
+          return where + kvq::detail::concat(name, " hold ", g.counts.length, " tokens (", g.counts.quantized, " quantized), expected ",
+                                             w.counts.length, " (", w.counts.quantized, ")");
+        }
+        if (g.blocks != w.blocks) return where + name + ": block ids differ";
+        const kvq::BlockPool& gp = key ? got.key_pool() : got.value_pool();
+        const kvq::BlockPool& wp = key ? want.key_pool() : want.value_pool();
+        for (std::size_t b = 0; b < w.blocks.size(); ++b) {
+          if (std::memcmp(gp.data(w.blocks[b]), wp.data(w.blocks[b]), wp.block_bytes()) != 0) {
+            return where + kvq::detail::concat(name, " block ", b, " (id ", w.blocks[b], "): bytes differ");
+          }
+        }
+      }
+      const std::size_t bytes = static_cast<std::size_t>(rows.layer_stride()) * sizeof(E);
+      if (bytes > 0 && std::memcmp(gs.exact(s, l, true, false), ws.exact(s, l, true, false), bytes) != 0) {
+        return where + "exact rows differ";
+      }
+    }
+  }
+  for (int stream = 0; stream < 2; ++stream) {
+    const kvq::BlockIdAllocator& g = (stream == 0 ? got.key_pool() : got.value_pool()).ids();
+    const kvq::BlockIdAllocator& w = (stream == 0 ? want.key_pool() : want.value_pool()).ids();
+    if (g.num_blocks() != w.num_blocks() || g.free_blocks() != w.free_blocks()) {
+      return kvq::detail::concat(stream == 0 ? "key" : "value", " pool: ", g.free_blocks(), " of ", g.num_blocks(),
+                                 " blocks free, expected ", w.free_blocks(), " of ", w.num_blocks());
+    }
+    for (index_t b = 0; b < w.num_blocks(); ++b) {
+      if (g.refs(static_cast<std::int32_t>(b)) != w.refs(static_cast<std::int32_t>(b))) {
+        return kvq::detail::concat(stream == 0 ? "key" : "value", " block ", b, ": ", g.refs(static_cast<std::int32_t>(b)),
+                                   " references, expected ", w.refs(static_cast<std::int32_t>(b)));
+      }
+    }
+  }
+  if (got.memory_bytes() != want.memory_bytes()) {
+    return kvq::detail::concat("memory_bytes ", got.memory_bytes(), ", expected ", want.memory_bytes());
+  }
+  return "";
+}
+
+/// Downloads a device backend (download(QuantizedKVCache&)) into `into` (fresh or not) and
+/// requires it to equal `cpu` (compare_caches) and CPU attention on it to equal attention on `cpu`
+/// bit for bit, for random queries of two query heads per kv head, every live sequence and layer.
+template <class P, class Device>
+void require_download_equals(const Device& dev, kvq::QuantizedKVCache<P>& into, const kvq::QuantizedKVCache<P>& cpu,
+                             std::uint64_t seed) {
+  dev.download(into);
+  const std::string diff = compare_caches(into, cpu);
+  INFO(diff);
+  REQUIRE(diff.empty());
+  kvq::Rng rng(seed);
+  const index_t heads = 2 * cpu.config().num_kv_heads, dim = cpu.config().head_dim;
+  std::vector<float> q(static_cast<std::size_t>(heads * dim)), a(q.size()), b(q.size());
+  int attended = 0;
+  for (kvq::SequenceId s = 0; s < cpu.sequences().slots(); ++s) {
+    if (!cpu.is_live(s) || cpu.length(s) == 0) continue;
+    for (index_t l = 0; l < cpu.config().num_layers; ++l) {
+      for (float& x : q) x = rng.normal();
+      kvq::attend(into, s, l, kvq::StridedView<const float, 2>(q.data(), {heads, dim}), kvq::StridedView<float, 2>(a.data(), {heads, dim}));
+      kvq::attend(cpu, s, l, kvq::StridedView<const float, 2>(q.data(), {heads, dim}), kvq::StridedView<float, 2>(b.data(), {heads, dim}));
+      CAPTURE(s, l);
+      REQUIRE(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+      ++attended;
+    }
+  }
+  REQUIRE(attended > 0);
 }
 
 /// Random rows of the exact type E, [count][width] with a per-channel bias per stream.

@@ -31,6 +31,9 @@ Command add_generate(CLI::App& app);
 /// `kvq calibrate`: SKVQ or CSKV calibration on a real model, written as a calibration file.
 Command add_calibrate(CLI::App& app);
 
+/// `kvq capture`: real keys, values and queries of a model as .npy files (for GPU tests).
+Command add_capture(CLI::App& app);
+
 /// `kvq demo`: the round-trip table on a generated K-like tensor with outlier channels.
 Command add_demo(CLI::App& app);
 

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   const kvq_tool::Command eval = kvq_tool::add_eval(app);
   const kvq_tool::Command generate = kvq_tool::add_generate(app);
   const kvq_tool::Command calibrate = kvq_tool::add_calibrate(app);
+  const kvq_tool::Command capture = kvq_tool::add_capture(app);
 #endif
   try {
     app.parse(argc, argv);
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("eval")) return eval();
     if (app.got_subcommand("generate")) return generate();
     if (app.got_subcommand("calibrate")) return calibrate();
+    if (app.got_subcommand("capture")) return capture();
 #endif
   } catch (const kvq::Error& e) {
     fmt::print(stderr, "kvq: error ({}): {}\n", kvq::status_name(e.status()), e.what());

@@ -75,6 +75,9 @@ class BlockPool {
     }
     ids_ = BlockIdAllocator(num_blocks);
   }
+  /// A pool of ids.num_blocks() blocks whose ids are in the state `ids` (reference counts, free
+  /// list), its bytes uninitialised: for QuantizedKVCache::restore, whose caller writes them all.
+  BlockPool(std::size_t block_bytes, const BlockIdAllocator& ids) : BlockPool(block_bytes, ids.num_blocks()) { ids_ = ids; }
 
   std::size_t block_bytes() const noexcept { return block_bytes_; }
   index_t num_blocks() const noexcept { return num_blocks_; }

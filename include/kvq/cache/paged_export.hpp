@@ -3,7 +3,9 @@
 /// @brief A host cache described as PagedKVParams (layout/paged_params.hpp): HostPagedTables owns
 ///        the flat block tables, quantized counts and lengths of one layer that a sequence table
 ///        keeps as per-sequence vectors, and hands out PagedKVParams that point into them and
-///        into the cache's pools and exact rows (QuantizedKVCache::paged).
+///        into the cache's pools and exact rows (QuantizedKVCache::paged); export_sequence_paged
+///        describes one sequence as a one-slot PagedKVParams without copying (what attend() on a
+///        cache reads).
 ///
 /// Ownership: the tables own their std::vectors; the pools and exact rows stay the cache's.
 /// params() points into both, so it is valid while the tables object lives and the cache is not
@@ -80,6 +82,7 @@ struct HostPagedTables {
     p.values.max_blocks = max_blocks;
     p.values.quantized_tokens = value_quantized.data();
     p.lengths = lengths.data();
+    p.slots = slots;
     return p;
   }
 };
@@ -128,6 +131,50 @@ HostPagedTables export_paged(const SequenceTable<E>& sequences, index_t layer, c
   t.base.head_dim = static_cast<std::int32_t>(head_dim);
   t.base.exact_bytes = static_cast<std::int32_t>(sizeof(E));
   return t;
+}
+
+/// The counts a one-sequence export points to (export_sequence_paged).
+struct PagedSlotCounts {
+  std::int32_t key_quantized = 0;
+  std::int32_t value_quantized = 0;
+  std::int32_t length = 0;
+};
+
+/// One sequence of one layer of a host cache as a one-slot PagedKVParams (slot 0, slots = 1):
+/// the layout fields of export_paged, the sequence's own block tables (no copy) and the counts in
+/// `counts`, which must outlive the result like the cache. O(1), no allocation: what attend() on a
+/// cache builds for every call. The sequence must be live and the layer valid (not checked).
+template <class E>
+PagedKVParams export_sequence_paged(const SequenceTable<E>& sequences, SequenceId seq, index_t layer,
+                                    const StreamLayout& key_layout, const StreamLayout& value_layout,
+                                    const BlockPool& key_pool, const BlockPool& value_pool, const WindowRule& key_rule,
+                                    const WindowRule& value_rule, index_t num_kv_heads, index_t head_dim,
+                                    PagedSlotCounts& counts) noexcept {
+  const LayerState& ls = sequences.layer(seq, layer);
+  counts.key_quantized = static_cast<std::int32_t>(ls.key.counts.quantized);
+  counts.value_quantized = static_cast<std::int32_t>(ls.value.counts.quantized);
+  counts.length = static_cast<std::int32_t>(ls.key.counts.length);
+  // The sequence's exact rows are slot 0 of the export (see export_paged for the const_casts).
+  auto* exact = reinterpret_cast<std::uint8_t*>(const_cast<E*>(sequences.exact_data())) +
+                static_cast<std::size_t>(seq) * static_cast<std::size_t>(sequences.slot_stride()) * sizeof(E);
+  const ExactRows& rows = sequences.exact_rows();
+  PagedKVParams p;
+  p.keys = detail::paged_stream(key_layout, const_cast<std::uint8_t*>(key_pool.data()), rows, sizeof(E),
+                                sequences.num_layers(), layer, true, key_rule, exact);
+  p.values = detail::paged_stream(value_layout, const_cast<std::uint8_t*>(value_pool.data()), rows, sizeof(E),
+                                  sequences.num_layers(), layer, false, value_rule, exact);
+  p.keys.block_table = ls.key.blocks.data();
+  p.keys.max_blocks = static_cast<std::int32_t>(ls.key.blocks.size());
+  p.keys.quantized_tokens = &counts.key_quantized;
+  p.values.block_table = ls.value.blocks.data();
+  p.values.max_blocks = static_cast<std::int32_t>(ls.value.blocks.size());
+  p.values.quantized_tokens = &counts.value_quantized;
+  p.lengths = &counts.length;
+  p.slots = 1;
+  p.num_kv_heads = static_cast<std::int32_t>(num_kv_heads);
+  p.head_dim = static_cast<std::int32_t>(head_dim);
+  p.exact_bytes = static_cast<std::int32_t>(sizeof(E));
+  return p;
 }
 
 }  // namespace kvq

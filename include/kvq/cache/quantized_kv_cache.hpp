@@ -19,16 +19,18 @@
 /// accounting; stream_writer.hpp moves appended tokens through a stream's transform into its
 /// blocks; stream_view.hpp is what attention reads.
 ///
-/// Thread safety: const member functions may run concurrently; append, add_sequence, fork and
-/// free need exclusive access.
+/// Thread safety: const member functions may run concurrently; append, add_sequence, fork, free
+/// and restore need exclusive access.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kvq/cache/block_pool.hpp"
@@ -53,6 +55,18 @@ struct MemoryUsage {
   std::size_t value_block_bytes = 0;  ///< value blocks in use
   std::size_t exact_bytes = 0;        ///< sinks and windows of live sequences
   std::size_t total() const noexcept { return key_block_bytes + value_block_bytes + exact_bytes; }
+};
+
+/// Where QuantizedKVCache::restore's fill writes a cache's bytes: both pools whole (block b at
+/// b * block_bytes, the layouts of key_layout() / value_layout()) and the exact rows of every
+/// slot (the layout of SequenceTable::exact_data()).
+struct CacheBytes {
+  std::uint8_t* key_pool = nullptr;
+  std::size_t key_pool_bytes = 0;
+  std::uint8_t* value_pool = nullptr;
+  std::size_t value_pool_bytes = 0;
+  std::uint8_t* exact = nullptr;
+  std::size_t exact_bytes = 0;
 };
 
 namespace detail {
@@ -274,6 +288,64 @@ class QuantizedKVCache {
   /// The values as attention sees them, out [length, num_kv_heads, head_dim].
   void read_values(SequenceId seq, index_t layer, float* out) const { read_stream(seq, layer, false, out); }
 
+  // ---- raw state ---------------------------------------------------------------------------
+
+  /// Replaces everything the cache holds by raw state from elsewhere (kvq::cuda::DeviceKVCache::
+  /// download passes its host mirror and copies the device's bytes): `sequences` gives the
+  /// slots, live or free, their counts and block tables (a table of config().num_layers layers;
+  /// its exact storage, if any, is not read), `key_ids` / `value_ids` the pools' reference counts
+  /// and free lists (config().num_blocks ids each). Then fill(const CacheBytes&) writes the bytes
+  /// into newly allocated storage: both pools whole and the exact rows of sequences.slots()
+  /// slots. A live sequence that holds no token gets zeroed exact rows afterwards (as
+  /// add_sequence leaves them). Calibration, transforms and layouts stay the cache's.
+  ///
+  /// Checks the bookkeeping first: matching layers and pool sizes, per live sequence and layer
+  /// keys and values of one length, counts the window rules allow (at most the window ring
+  /// exact), one block per block_tokens quantized tokens, block ids in range, and reference
+  /// counts equal to the block tables' uses. Throws kvq::Error(kInvalidArgument) naming the
+  /// argument, the value and the expectation; whatever fill throws propagates. Either way the
+  /// cache is unchanged (the new storage is discarded). Needs exclusive access; allocates new
+  /// pools (the old ones are freed on success, so both exist for a moment).
+  template <class Fill>
+  void restore(const SequenceTable<exact_type>& sequences, const BlockIdAllocator& key_ids,
+               const BlockIdAllocator& value_ids, Fill&& fill) {
+    constexpr const char* where = "kvq::QuantizedKVCache::restore";
+    if (sequences.num_layers() != config_.num_layers) {
+      detail::throw_argument_error(where, "sequences", detail::concat("a table of ", sequences.num_layers(), " layers"),
+                                   detail::concat("config().num_layers = ", config_.num_layers, " layers"));
+    }
+    for (const BlockIdAllocator* ids : {&key_ids, &value_ids}) {
+      if (ids->num_blocks() != config_.num_blocks) {
+        detail::throw_argument_error(where, ids == &key_ids ? "key_ids" : "value_ids",
+                                     detail::concat("ids of ", ids->num_blocks(), " blocks"),
+                                     detail::concat("config().num_blocks = ", config_.num_blocks, " blocks"));
+      }
+    }
+    check_bookkeeping(where, sequences, key_ids, value_ids);
+
+    SequenceTable<exact_type> next = sequences.with_exact(sequences_.exact_rows());
+    BlockPool key_pool(keys_.layout.block_bytes, key_ids);
+    BlockPool value_pool(values_.layout.block_bytes, value_ids);
+    CacheBytes bytes;
+    bytes.key_pool = key_pool.data();
+    bytes.key_pool_bytes = key_pool.reserved_bytes();
+    bytes.value_pool = value_pool.data();
+    bytes.value_pool_bytes = value_pool.reserved_bytes();
+    bytes.exact = reinterpret_cast<std::uint8_t*>(next.exact_data());
+    bytes.exact_bytes = static_cast<std::size_t>(next.slots() * next.slot_stride()) * sizeof(exact_type);
+    fill(static_cast<const CacheBytes&>(bytes));
+    const auto stride = static_cast<std::size_t>(next.slot_stride());
+    for (SequenceId s = 0; s < next.slots(); ++s) {
+      bool empty = next.is_live(s);
+      for (index_t l = 0; empty && l < config_.num_layers; ++l) empty = next.layer(s, l).key.counts.length == 0;
+      if (empty) std::fill_n(next.exact_data() + static_cast<std::size_t>(s) * stride, stride, exact_type{});
+    }
+    // Nothing can fail from here on.
+    sequences_ = std::move(next);
+    key_pool_ = std::move(key_pool);
+    value_pool_ = std::move(value_pool);
+  }
+
   // ---- accounting ------------------------------------------------------------------------
 
   /// Bytes held for live sequences: key and value blocks in use (a block shared by forks counts
@@ -322,6 +394,12 @@ class QuantizedKVCache {
     check_layer("kvq::QuantizedKVCache::value_transform", layer);
     return values_.transform(layer);
   }
+  /// What attention needs of a layer besides paged(layer): both transforms and, for keys stored
+  /// before RoPE, the cache's rotator (views into the cache: valid while it lives).
+  LayerTransforms transforms(index_t layer) const {
+    check_layer("kvq::QuantizedKVCache::transforms", layer);
+    return {keys_.transform(layer), values_.transform(layer), Policy::pre_rope ? &rope_ : nullptr};
+  }
 
  private:
   void check_sequence(const char* where, const char* arg, SequenceId seq) const {
@@ -365,6 +443,65 @@ class QuantizedKVCache {
   }
 
   index_t blocks_for(index_t quantized) const noexcept { return ceil_div<index_t>(quantized, block_tokens); }
+
+  /// restore's checks of the live sequences against the window rules and the pools' ids.
+  void check_bookkeeping(const char* where, const SequenceTable<exact_type>& sequences, const BlockIdAllocator& key_ids,
+                         const BlockIdAllocator& value_ids) const {
+    std::vector<std::int32_t> key_uses(static_cast<std::size_t>(config_.num_blocks), 0);
+    std::vector<std::int32_t> value_uses(key_uses.size(), 0);
+    for (SequenceId s = 0; s < sequences.slots(); ++s) {
+      if (!sequences.is_live(s)) continue;
+      for (index_t l = 0; l < config_.num_layers; ++l) {
+        const LayerState& ls = sequences.layer(s, l);
+        if (ls.key.counts.length != ls.value.counts.length) {
+          detail::throw_argument_error(where, "sequences",
+                                       detail::concat("sequence ", s, " layer ", l, ": ", ls.key.counts.length, " key and ",
+                                                      ls.value.counts.length, " value tokens"),
+                                       "keys and values of one length");
+        }
+        for (int stream = 0; stream < 2; ++stream) {
+          const bool key = stream == 0;
+          const StreamState& st = ls.stream(key);
+          const WindowRule& rule = key ? key_rule_ : value_rule_;
+          const index_t ring = sequences_.exact_rows().ring_capacity(key);
+          const std::string what = detail::concat("sequence ", s, " layer ", l, " ", key ? "keys" : "values", ": ");
+          if (st.counts.quantized < 0 || st.counts.quantized > st.counts.length - rule.sink_count(st.counts) ||
+              rule.window_count(st.counts) > ring) {
+            detail::throw_argument_error(where, "sequences",
+                                         detail::concat(what, st.counts.length, " tokens, ", st.counts.quantized, " quantized"),
+                                         detail::concat("counts of the policy's window rule (", rule.sinks, " sinks, at most ",
+                                                        ring, " window tokens)"));
+          }
+          if (static_cast<index_t>(st.blocks.size()) != blocks_for(st.counts.quantized)) {
+            detail::throw_argument_error(where, "sequences", detail::concat(what, st.blocks.size(), " blocks"),
+                                         detail::concat(blocks_for(st.counts.quantized), " blocks of ", block_tokens,
+                                                        " tokens for ", st.counts.quantized, " quantized tokens"));
+          }
+          std::vector<std::int32_t>& uses = key ? key_uses : value_uses;
+          for (std::int32_t b : st.blocks) {
+            if (b < 0 || b >= config_.num_blocks) {
+              detail::throw_argument_error(where, "sequences", detail::concat(what, "block id ", b),
+                                           detail::concat("block ids in 0..", config_.num_blocks - 1));
+            }
+            ++uses[static_cast<std::size_t>(b)];
+          }
+        }
+      }
+    }
+    for (int stream = 0; stream < 2; ++stream) {
+      const BlockIdAllocator& ids = stream == 0 ? key_ids : value_ids;
+      const std::vector<std::int32_t>& uses = stream == 0 ? key_uses : value_uses;
+      for (index_t b = 0; b < config_.num_blocks; ++b) {
+        if (ids.refs(static_cast<std::int32_t>(b)) != uses[static_cast<std::size_t>(b)]) {
+          detail::throw_argument_error(where, stream == 0 ? "key_ids" : "value_ids",
+                                       detail::concat("block ", b, " with ", ids.refs(static_cast<std::int32_t>(b)),
+                                                      " references"),
+                                       detail::concat("the ", uses[static_cast<std::size_t>(b)],
+                                                      " uses of the live sequences' block tables"));
+        }
+      }
+    }
+  }
 
   StreamView<exact_type> stream_view(SequenceId seq, index_t layer, bool is_key) const {
     const StreamState& st = sequences_.layer(seq, layer).stream(is_key);

@@ -73,6 +73,7 @@ class SequenceTable {
   /// The exact rows of all slots, slot s at exact_data() + s * slot_stride() (free slots hold
   /// stale rows; add() zero-fills a slot).
   const E* exact_data() const noexcept { return exact_.data(); }
+  E* exact_data() noexcept { return exact_.data(); }
   /// Live sequences.
   index_t live() const noexcept {
     index_t n = 0;
@@ -84,6 +85,14 @@ class SequenceTable {
   SequenceTable without_exact() const {
     SequenceTable t(num_layers_, ExactRows{});
     t.sequences_ = sequences_;
+    return t;
+  }
+  /// A copy of the sequences, counts and block tables with exact storage of layout `rows`,
+  /// zero-filled, for every slot (the reverse of without_exact; QuantizedKVCache::restore).
+  SequenceTable with_exact(ExactRows rows) const {
+    SequenceTable t(num_layers_, rows);
+    t.sequences_ = sequences_;
+    t.exact_.assign(sequences_.size() * static_cast<std::size_t>(t.slot_stride()), E{});
     return t;
   }
 

@@ -759,16 +759,7 @@ class AppendPlanner {
   /// lists and block ids). Throws kInvalidArgument / kOutOfCapacity when it does not fit.
   void assign(const QuantizedKVCache<Policy>& host) {
     constexpr const char* where = "kvq::cuda::DeviceKVCache::upload";
-    const CacheConfig& c = host.config();
-    if (c.num_layers != config_.num_layers || c.num_kv_heads != config_.num_kv_heads || c.head_dim != config_.head_dim ||
-        c.num_blocks != config_.num_blocks) {
-      kvq::detail::throw_argument_error(
-          where, "host",
-          kvq::detail::concat("a cache of ", c.num_layers, " layers, ", c.num_kv_heads, " kv heads of ", c.head_dim, ", ",
-                              c.num_blocks, " blocks"),
-          kvq::detail::concat("the device cache's config (", config_.num_layers, " layers, ", config_.num_kv_heads,
-                              " kv heads of ", config_.head_dim, ", ", config_.num_blocks, " blocks)"));
-    }
+    check_host_config(where, host.config());
     const SequenceTable<exact_type>& seqs = host.sequences();
     if (seqs.slots() > limits_.max_slots) {
       kvq::detail::throw_argument_error(where, "host", kvq::detail::concat("a cache with ", seqs.slots(), " slots"),
@@ -790,6 +781,20 @@ class AppendPlanner {
     mirror_ = seqs.without_exact();
     key_ids_ = host.key_pool().ids();
     value_ids_ = host.value_pool().ids();
+  }
+
+  /// Throws kInvalidArgument (argument "host") unless a host cache's config `c` has this
+  /// planner's layers, kv heads, head_dim and num_blocks (upload and download need them equal).
+  void check_host_config(const char* where, const CacheConfig& c) const {
+    if (c.num_layers != config_.num_layers || c.num_kv_heads != config_.num_kv_heads || c.head_dim != config_.head_dim ||
+        c.num_blocks != config_.num_blocks) {
+      kvq::detail::throw_argument_error(
+          where, "host",
+          kvq::detail::concat("a cache of ", c.num_layers, " layers, ", c.num_kv_heads, " kv heads of ", c.head_dim, ", ",
+                              c.num_blocks, " blocks"),
+          kvq::detail::concat("the device cache's config (", config_.num_layers, " layers, ", config_.num_kv_heads,
+                              " kv heads of ", config_.head_dim, ", ", config_.num_blocks, " blocks)"));
+    }
   }
 
   /// The flat tables of the mirror: block tables [num_layers][max_slots][max_blocks] (-1 past a

@@ -49,6 +49,9 @@
 ///
 /// upload(host) copies a CPU cache of the same config to the device: pools, exact rows and
 /// tables are plain cudaMemcpys, and the mirror takes the host's bookkeeping (block ids too).
+/// download(host) is the reverse: the host cache takes the mirror's bookkeeping
+/// (QuantizedKVCache::restore) and the device's pools and exact rows by cudaMemcpy, so it holds
+/// what a CPU cache fed the same tokens holds, byte for byte.
 ///
 /// Threading: one host thread at a time may call the non-const member functions (like
 /// QuantizedKVCache's mutating ones); device work follows stream order. Slots of the device
@@ -377,6 +380,27 @@ class DeviceKVCache {
     copy_to_device(where, lengths_.get(), len.data(), len.size() * sizeof(std::int32_t));
   }
 
+  /// Copies the device cache into a host cache of the same config (layers, heads, head_dim,
+  /// num_blocks), the reverse of upload: the host cache then holds exactly the device's sequences
+  /// (same slots, lengths, counts, block ids, reference counts and free lists, from the mirror;
+  /// QuantizedKVCache::restore) with both pools and the exact rows of its slots copied by
+  /// cudaMemcpy; it keeps its own calibration. Synchronous (cudaDeviceSynchronize first). Call it
+  /// after the appends of every layer of the last plan_append were enqueued: the mirror is ahead
+  /// of the device between a plan and its appends. The sticky append status is not read
+  /// (check_status). Throws kvq::Error: kInvalidArgument when the configs differ (naming both),
+  /// kCudaError from the runtime; the host cache is unchanged then. Allocates the host cache's
+  /// new pools (QuantizedKVCache::restore); the device cache is not modified.
+  void download(QuantizedKVCache<Policy>& host) const {
+    constexpr const char* where = "kvq::cuda::DeviceKVCache::download";
+    planner_.check_host_config(where, host.config());
+    detail::check_cuda(where, "cudaDeviceSynchronize", cudaDeviceSynchronize());
+    host.restore(planner_.sequences(), planner_.key_ids(), planner_.value_ids(), [&](const CacheBytes& b) {
+      copy_from_device(where, b.key_pool, key_pool_, b.key_pool_bytes);
+      copy_from_device(where, b.value_pool, value_pool_, b.value_pool_bytes);
+      copy_from_device(where, b.exact, exact_, b.exact_bytes);
+    });
+  }
+
   /// Every device array copied to the host (cudaDeviceSynchronize first): for tests and debugging.
   DeviceCacheContents contents() const {
     constexpr const char* where = "kvq::cuda::DeviceKVCache::contents";
@@ -440,6 +464,14 @@ class DeviceKVCache {
 
   static void copy_to_device(const char* where, void* dst, const void* src, std::size_t bytes) {
     if (bytes > 0) detail::check_cuda(where, "cudaMemcpy", cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  }
+  /// The first `bytes` bytes of `src` to host memory (kInvalidArgument if src holds fewer).
+  static void copy_from_device(const char* where, void* dst, const detail::DeviceBytes& src, std::size_t bytes) {
+    if (bytes > src.bytes()) {
+      kvq::detail::throw_argument_error(where, "host", kvq::detail::concat("a copy of ", bytes, " bytes"),
+                                        kvq::detail::concat("at most the ", src.bytes(), " bytes of the device array"));
+    }
+    if (bytes > 0) detail::check_cuda(where, "cudaMemcpy", cudaMemcpy(dst, src.get(), bytes, cudaMemcpyDeviceToHost));
   }
   template <class T>
   static void copy_to_host(const char* where, std::vector<T>& dst, const detail::DeviceBytes& src) {

@@ -63,6 +63,7 @@ struct PagedKVParams {
   PagedStream keys{};
   PagedStream values{};
   const std::int32_t* lengths = nullptr;  ///< [slots] positions held
+  std::int32_t slots = 0;                 ///< rows of the tables and lengths (CPU attention checks slots against it)
   std::int32_t num_kv_heads = 0;
   std::int32_t head_dim = 0;
   std::int32_t exact_bytes = 2;           ///< bytes of one exact number

@@ -71,6 +71,11 @@ class RopeRotator {
     }
   }
 
+  /// The head dimension and the longest run rotate() takes (0 for a default-constructed rotator).
+  index_t head_dim() const noexcept { return head_dim_; }
+  index_t tile_tokens() const noexcept {
+    return head_dim_ > 0 ? static_cast<index_t>(offset_cos_.size()) / (head_dim_ / 2) : 0;
+  }
 
   /// Rotates rows [n, heads * head_dim] (row stride `stride`), row t at position pos0 + t;
   /// n <= tile_tokens. `base` is scratch of head_dim doubles.
