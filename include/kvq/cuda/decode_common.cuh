@@ -36,6 +36,7 @@ struct SoftmaxLanes {
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   float zsum[2] = {0.0f, 0.0f};  ///< sum of p * zero-point of folded value groups (added to every channel)
+  float osum[2] = {0.0f, 0.0f};  ///< sum of the fp16 P of biased value codes (the whole column, not lane-partial)
   float acc[CT][4] = {};
 
   /// Folds a new tile's column maxima (already reduced over the warp) into m and rescales.
@@ -48,6 +49,8 @@ struct SoftmaxLanes {
     l[1] *= c1;
     zsum[0] *= c0;
     zsum[1] *= c1;
+    osum[0] *= c0;
+    osum[1] *= c1;
 #pragma unroll
     for (int j = 0; j < CT; ++j) {
       acc[j][0] *= c0;

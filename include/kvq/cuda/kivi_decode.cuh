@@ -19,7 +19,11 @@
 ///   16 kc + rho(k), rho = {0,4,1,5,2,6,3,7, 8,12,9,13,10,14,11,15} (k = 2t, 2t+1, 2t+8, 2t+9
 ///   -> channels t, t+4, t+8, t+12), which keeps the lanes' shared-memory reads conflict-free.
 /// - codes -> fp16 with the 0x6400 exponent trick: prmt joins two lanes' runs, lop3 masks two
-///   codes into (1024 + c) pairs, one subtraction makes them exact small integers.
+///   codes into (1024 + c) pairs. Where a group's scale and zero-point fold out of the mma (group
+///   128), the pairs enter biased, 1024 + 2^bit c (biased_pairs: one shift, two lop3 per four
+///   codes), and the fp32 epilogue takes the offset and 2^bit out (scores: one fma per element;
+///   values: a per-head sum of P by one more mma per token tile, unbias_values at the piece's
+///   end); otherwise one subtraction makes them exact small integers before the dequantizing fma.
 /// - group 128 keys (one group per line and block): the key scales fold into the queries
 ///   (B = q * scale) and the zero-points into one bias per head; otherwise each pair is
 ///   dequantized with one fused multiply-add (each lane's tokens lie in one group).
@@ -130,6 +134,40 @@ __device__ __forceinline__ void exact_codes(std::uint32_t& lo, std::uint32_t& hi
   hi = h2_bits(__hfma2(bits_h2(hi), __float2half2_rn(inv), __float2half2_rn(-1024.0f * inv)));
 }
 
+/// Where biased_pairs puts the codes of its lo and hi pairs in each 16-bit half: the fp16 number
+/// 0x6400 | (c << bit) is exactly 1024 + 2^bit c, so an mma on such pairs gives
+/// 2^bit (codes . B) + 1024 sum(B), from which the fp32 epilogue recovers codes . B with one
+/// fused multiply-add (no per-pair subtraction). The bits are as high as the 10 mantissa bits
+/// allow (hi's top bit is bit 9), which keeps the offset 1024 within 2^(10 - bit) / mean code of
+/// the signal: 2-bit 43x (lo) and 11x (hi), 4-bit 34x and 2x, so that the fp32 accumulation's
+/// rounding stays near 1e-5 of the result.
+template <int BITS>
+struct BiasedBits {
+  static constexpr int lo = BITS == 2 ? 4 : 2;
+  static constexpr int hi = lo + BITS;
+  static constexpr float offset = 1024.0f;
+};
+
+/// code_pairs without the exact step: lo = (1024 + 2^lo a[2I], 1024 + 2^lo b[2I]),
+/// hi = (1024 + 2^hi a[2I+1], 1024 + 2^hi b[2I+1]) (BiasedBits<BITS>): one shift and two lop3.
+template <int BITS, int I>
+__device__ __forceinline__ void biased_pairs(uint2 a, uint2 b, std::uint32_t& lo, std::uint32_t& hi) {
+  constexpr int per_word = 32 / BITS;
+  constexpr int e = 2 * I;
+  constexpr int word = e / per_word;
+  constexpr int in_word = e % per_word;
+  constexpr int half = in_word / (per_word / 2);
+  constexpr int at = (in_word % (per_word / 2)) * BITS;  // bit of code e in its half
+  constexpr int move = BiasedBits<BITS>::lo - at;        // |move| <= 8: no bit crosses the halves' masks
+  constexpr std::uint32_t m = (1u << BITS) - 1u;
+  std::uint32_t z = ptx::prmt(word ? a.y : a.x, word ? b.y : b.x, half ? 0x7632u : 0x5410u);
+  if constexpr (move > 0) z <<= move;
+  if constexpr (move < 0) z >>= -move;
+  constexpr int L = BiasedBits<BITS>::lo, H = BiasedBits<BITS>::hi;
+  lo = ptx::and_or(z, (m << L) | (m << (16 + L)), 0x64006400u);
+  hi = ptx::and_or(z, (m << H) | (m << (16 + H)), 0x64006400u);
+}
+
 /// A lane's run of `bytes` (2, 4 or 8) bytes of shared memory as uint2.
 template <int BYTES>
 __device__ __forceinline__ uint2 load_run(const std::uint8_t* p) {
@@ -150,10 +188,11 @@ __device__ __forceinline__ __half2 half_pair(const std::uint8_t* base, int i, in
   return __halves2half2(h[i], h[j]);
 }
 
-/// Issues the cp.async copies of kv head `head`'s part of key block kb and value block vb into a stage.
-template <class Tile, int VG, int D>
-__device__ __forceinline__ void issue_stage(std::uint8_t* st, const std::uint8_t* kb, const std::uint8_t* vb,
-                                            const PagedKVParams& kv, int head, int lane) {
+/// Issues the cp.async copies of kv head `head`'s part of key block kb into a stage's key half
+/// (codes, scales, zeros).
+template <class Tile>
+__device__ __forceinline__ void issue_keys(std::uint8_t* st, const std::uint8_t* kb, const PagedKVParams& kv, int head,
+                                           int lane) {
   const std::uint8_t* kc = kb + static_cast<std::size_t>(head) * Tile::kKeyCodes;
   for (int c = lane; c < Tile::kKeyCodes / 16; c += 32) ptx::cp_async_16(st + 16 * c, kc + 16 * c);
   const std::size_t kmeta = static_cast<std::size_t>(head) * Tile::kKeyMeta;
@@ -163,6 +202,12 @@ __device__ __forceinline__ void issue_stage(std::uint8_t* st, const std::uint8_t
     ptx::cp_async_16(st + Tile::kKeyScales + 16 * c, ks + 16 * c);
     ptx::cp_async_16(st + Tile::kKeyZeros + 16 * c, kz + 16 * c);
   }
+}
+
+/// Issues the cp.async copies of kv head `head`'s part of value block vb into a stage's value half.
+template <class Tile, int VG, int D>
+__device__ __forceinline__ void issue_values(std::uint8_t* st, const std::uint8_t* vb, const PagedKVParams& kv, int head,
+                                             int lane) {
   constexpr int parts = Tile::kValueRow / 16;
   const std::uint8_t* vc = vb + static_cast<std::size_t>(head) * Tile::kValueRow;
   const std::size_t vline = kv.values.block.line_bytes;
@@ -191,7 +236,8 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
   // the zero-points as one bias per head. Scores are scaled by qscale (softmax scale * log2 e)
   // in fp32 after the mma, so the fp16 queries enter unrounded.
   // Each k-chunk's B is made just before its mmas (keeps 4 registers live, not 4 KC).
-  float part = 0.0f;
+  float part = 0.0f;  // the lane's channels' q . zero (folded keys)
+  float bsum = 0.0f;  // the lane's channels' sum of B = q * scale (the biased codes' offset)
   auto fold_chunk = [&](int kc, const std::uint32_t (&qk)[2], std::uint32_t (&bk)[2], std::uint32_t (&bl)[2]) {
     const std::uint8_t* ks = st + Tile::kKeyScales;
     const std::uint8_t* kz = st + Tile::kKeyZeros;
@@ -204,6 +250,7 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
       const float2 hf = __half22float2(hi);
       bk[r] = h2_bits(hi);
       bl[r] = h2_bits(__floats2half2_rn(xa - hf.x, xb - hf.y));
+      bsum += xa + xb;
       part = fmaf(q.x, half_at(kz, ca), part);
       part = fmaf(q.y, half_at(kz, cb), part);
     }
@@ -238,10 +285,15 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
     auto tile = [&](auto ic) {
       constexpr int i = decltype(ic)::value;
       std::uint32_t a[4];
-      code_pairs<KBITS, i>(wa, wb, a[0], a[1]);
-      code_pairs<KBITS, i>(wc, wd, a[2], a[3]);
-      exact_codes<KBITS>(a[0], a[1]);
-      exact_codes<KBITS>(a[2], a[3]);
+      if constexpr (Tile::kFoldKeys) {
+        biased_pairs<KBITS, i>(wa, wb, a[0], a[1]);
+        biased_pairs<KBITS, i>(wc, wd, a[2], a[3]);
+      } else {
+        code_pairs<KBITS, i>(wa, wb, a[0], a[1]);
+        code_pairs<KBITS, i>(wc, wd, a[2], a[3]);
+        exact_codes<KBITS>(a[0], a[1]);
+        exact_codes<KBITS>(a[2], a[3]);
+      }
       if constexpr (!Tile::kFoldKeys) {
         a[0] = h2_bits(__hfma2(bits_h2(a[0]), sab, zab));
         a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
@@ -255,23 +307,35 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
     };
     static_for<8>(tile);
   }
-  float bias0 = 0.0f, bias1 = 0.0f;  // the folded zero-points' q . zero of heads 2t, 2t + 1
+  // Scores in log2 units: s = raw * scale_r + bias_r for rows r = g (lo) and g + 8 (hi) of a tile.
+  // Folded keys: raw = 2^bit_r (codes . B) + 1024 sum(B) (biased_pairs), so scale_r = qscale 2^-bit_r
+  // and bias_r = (q . zero - 1024 sum(B) 2^-bit_r) qscale, per head (columns 2t, 2t + 1).
+  float scale_lo = qscale, scale_hi = qscale;
+  float bias_lo0 = 0.0f, bias_lo1 = 0.0f, bias_hi0 = 0.0f, bias_hi1 = 0.0f;
   if constexpr (Tile::kFoldKeys) {
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
-    bias0 = __shfl_sync(0xffffffffu, part, 8 * t);
-    bias1 = __shfl_sync(0xffffffffu, part, 8 * t + 4);
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
+    const float z0 = __shfl_sync(0xffffffffu, part, 8 * t), z1 = __shfl_sync(0xffffffffu, part, 8 * t + 4);
+    const float b0 = __shfl_sync(0xffffffffu, bsum, 8 * t), b1 = __shfl_sync(0xffffffffu, bsum, 8 * t + 4);
+    constexpr float off = BiasedBits<KBITS>::offset;
+    constexpr float lo = 1.0f / (1 << BiasedBits<KBITS>::lo), hi = 1.0f / (1 << BiasedBits<KBITS>::hi);
+    scale_lo = qscale * lo;
+    scale_hi = qscale * hi;
+    bias_lo0 = fmaf(-off * lo, b0, z0) * qscale;
+    bias_lo1 = fmaf(-off * lo, b1, z1) * qscale;
+    bias_hi0 = fmaf(-off * hi, b0, z0) * qscale;
+    bias_hi1 = fmaf(-off * hi, b1, z1) * qscale;
   }
   // ---- softmax ----
   float mx0 = -INFINITY, mx1 = -INFINITY;
-  bias0 *= qscale;
-  bias1 *= qscale;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    s[i][0] = fmaf(s[i][0], qscale, bias0);
-    s[i][1] = fmaf(s[i][1], qscale, bias1);
-    s[i][2] = fmaf(s[i][2], qscale, bias0);
-    s[i][3] = fmaf(s[i][3], qscale, bias1);
+    s[i][0] = fmaf(s[i][0], scale_lo, bias_lo0);
+    s[i][1] = fmaf(s[i][1], scale_lo, bias_lo1);
+    s[i][2] = fmaf(s[i][2], scale_hi, bias_hi0);
+    s[i][3] = fmaf(s[i][3], scale_hi, bias_hi1);
     mx0 = fmaxf(mx0, fmaxf(s[i][0], s[i][2]));
     mx1 = fmaxf(mx1, fmaxf(s[i][1], s[i][3]));
   }
@@ -300,6 +364,10 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
     pb[i][1] = ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p2, p3));
   }
   // ---- values ----
+  // Folded values: the codes enter biased (biased_pairs), and one more mma per token tile with
+  // all-ones A sums this block's P (as fp16, as the value mmas read it) per head into osum; the
+  // piece's epilogue (unbias_values) takes 1024 osum off and the rows' 2^bit out.
+  float psum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int ta = 32 * t + 2 * i, tb = ta + 16, tc = ta + 1, td = tb + 1;
@@ -320,10 +388,15 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
       constexpr int j = decltype(jc)::value;
       if constexpr (j < KC) {
         std::uint32_t a[4];
-        code_pairs<VBITS, j>(va, vb, a[0], a[1]);
-        code_pairs<VBITS, j>(vc, vd, a[2], a[3]);
-        exact_codes<VBITS>(a[0], a[1]);
-        exact_codes<VBITS>(a[2], a[3]);
+        if constexpr (Tile::kFoldValues) {
+          biased_pairs<VBITS, j>(va, vb, a[0], a[1]);
+          biased_pairs<VBITS, j>(vc, vd, a[2], a[3]);
+        } else {
+          code_pairs<VBITS, j>(va, vb, a[0], a[1]);
+          code_pairs<VBITS, j>(vc, vd, a[2], a[3]);
+          exact_codes<VBITS>(a[0], a[1]);
+          exact_codes<VBITS>(a[2], a[3]);
+        }
         if constexpr (!Tile::kFoldValues) {
           a[0] = h2_bits(__hfma2(bits_h2(a[0]), sab, zab));
           a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
@@ -334,7 +407,33 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
       }
     };
     static_for<8>(tile);
+    if constexpr (Tile::kFoldValues) {
+      constexpr std::uint32_t one2 = 0x3c003c00u;  // fp16 (1, 1)
+      const std::uint32_t ones[4] = {one2, one2, one2, one2};
+      ptx::mma_16816<__half>(psum, ones, pb[i]);
+    }
   }
+  if constexpr (Tile::kFoldValues) {
+    sm.osum[0] += psum[0];
+    sm.osum[1] += psum[1];
+  }
+}
+
+/// The end of a piece of blocks with folded values: acc held 2^bit_r (codes . P) + 1024 osum for
+/// rows r = g (lo) and g + 8 (hi) of every channel tile (biased_pairs); leaves codes . P.
+template <int VBITS, int CT>
+__device__ __forceinline__ void unbias_values(SoftmaxLanes<CT>& sm) {
+  constexpr float off = BiasedBits<VBITS>::offset;
+  constexpr float lo = 1.0f / (1 << BiasedBits<VBITS>::lo), hi = 1.0f / (1 << BiasedBits<VBITS>::hi);
+  const float o0 = off * sm.osum[0], o1 = off * sm.osum[1];
+#pragma unroll
+  for (int j = 0; j < CT; ++j) {
+    sm.acc[j][0] = (sm.acc[j][0] - o0) * lo;
+    sm.acc[j][1] = (sm.acc[j][1] - o1) * lo;
+    sm.acc[j][2] = (sm.acc[j][2] - o0) * hi;
+    sm.acc[j][3] = (sm.acc[j][3] - o1) * hi;
+  }
+  sm.osum[0] = sm.osum[1] = 0.0f;
 }
 
 /// Position p, channel ch (0 .. width - 1) of a stream: dequantized (fp32) when stored in a block
@@ -424,7 +523,8 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
     const int per = (full + splits - 1) / splits;
     const int first = (piece - Tile::kTailPieces) * per, last = min(full, first + per);
     // One stage per warp: measured on the H200, a second stage (a double-buffered ring) costs
-    // thread blocks per SM and was 9-37% slower than one (bench/gpu/NOTES.md, 2026-12-03).
+    // thread blocks per SM and was 9-37% slower than one, and refilling the key half while the
+    // value half is read (two cp.async groups) gained nothing and cost MHA 30% (NOTES.md).
     std::uint8_t* stage = smem + warp * Tile::kStage;
     auto* qfrag = reinterpret_cast<std::uint32_t*>(smem + Tile::kQueryFrags);
     if (warp == 0) {
@@ -436,14 +536,15 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
     }
     __syncthreads();
     for (int blk = first + warp; blk < last; blk += kDecodeWarps) {
-      issue_stage<Tile, VG, D>(stage, kv.keys.block_of(slot, blk * Tile::kTokens), kv.values.block_of(slot, blk * Tile::kTokens),
-                               kv, head, lane);
+      issue_keys<Tile>(stage, kv.keys.block_of(slot, blk * Tile::kTokens), kv, head, lane);
+      issue_values<Tile, VG, D>(stage, kv.values.block_of(slot, blk * Tile::kTokens), kv, head, lane);
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
       __syncwarp();
       attend_block<Tile, KBITS, VBITS, KG, VG, D>(stage, sm, qfrag, qscale, g, t);
       __syncwarp();
     }
+    if constexpr (Tile::kFoldValues) unbias_values<VBITS>(sm);
   } else {
     // The rest: positions [full * 128, length), one chunk of 64 per tail piece, dequantized (or
     // copied) into shared memory, 8 channels an item, every load of a thread issued before its stores.
