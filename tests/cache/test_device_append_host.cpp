@@ -137,17 +137,7 @@ TEST_CASE("device plan: upload of a CPU cache, then lockstep appends", "[cache][
   const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
   kvq::QuantizedKVCache<P> cpu(cfg);
   kvq::Rng rng(seed);
-  const auto bias = kvq_test::make_bias(rng, cpu.width());
-  const kvq::SequenceId a = cpu.add_sequence(), b = cpu.add_sequence(), c = cpu.add_sequence();
-  for (auto [s, n] : {std::pair{a, 300}, std::pair{b, 17}, std::pair{c, 140}}) {
-    for (index_t l = 0; l < 2; ++l) {
-      const auto k = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
-      const auto v = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
-      cpu.append(s, l, k.data(), v.data(), n);
-    }
-  }
-  const kvq::SequenceId f = cpu.fork(a);  // shares a's full blocks
-  cpu.free(b);                            // a free slot, free blocks amid the free list
+  const auto [a, b, c, f] = kvq_test::fill_for_upload(cpu, rng);
   EmulatedDevice<P> dev(cfg, kvq_test::device_test_limits(), false);
   dev.upload(cpu);
   kvq_test::Lockstep<P, EmulatedDevice<P>> run(cpu, dev, seed + 1);

@@ -15,6 +15,7 @@
 
 #include "kvq/cuda/decode_attention.cuh"
 #include "kvq/kvq.hpp"
+#include "gpu_testing.hpp"
 #include "kvq_catch.hpp"
 #include "seeds.hpp"
 
@@ -22,17 +23,7 @@ namespace {
 
 using kvq::index_t;
 
-template <class T>
-struct Device {
-  T* ptr = nullptr;
-  explicit Device(std::size_t n) { REQUIRE(cudaMalloc(&ptr, sizeof(T) * std::max<std::size_t>(n, 1)) == cudaSuccess); }
-  Device(const std::vector<T>& v) : Device(v.size()) {
-    REQUIRE(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  Device(const Device&) = delete;
-  Device& operator=(const Device&) = delete;
-  ~Device() { cudaFree(ptr); }
-};
+using kvq_test::Device;
 
 /// The device copy of one layer of a CPU cache: pools byte for byte, flat block tables, counts,
 /// and per slot the exact rows [key sinks | key ring | value sinks | value ring].

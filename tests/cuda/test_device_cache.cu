@@ -170,18 +170,7 @@ TEST_CASE("device cache: upload() of a CPU cache reproduces its bytes, then appe
   const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
   kvq::QuantizedKVCache<P> cpu(cfg);
   kvq::Rng rng(seed);
-  const auto bias = kvq_test::make_bias(rng, cpu.width());
-  const kvq::SequenceId a = cpu.add_sequence(), b = cpu.add_sequence(), c = cpu.add_sequence();
-  const std::pair<kvq::SequenceId, index_t> fills[] = {{a, 300}, {b, 17}, {c, 140}};
-  for (const auto& [s, n] : fills) {
-    for (index_t l = 0; l < 2; ++l) {
-      const auto k = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
-      const auto v = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
-      cpu.append(s, l, k.data(), v.data(), n);
-    }
-  }
-  const kvq::SequenceId f = cpu.fork(a);  // shares a's full blocks
-  cpu.free(b);                            // a free slot, free blocks amid the free list
+  const auto [a, b, c, f] = kvq_test::fill_for_upload(cpu, rng);
   GpuDevice<P> dev(cfg, kvq_test::device_test_limits());
   dev.upload(cpu);
   kvq_test::Lockstep<P, GpuDevice<P>> run(cpu, dev, seed + 1);
@@ -240,18 +229,7 @@ TEST_CASE("device cache: upload() then download() round-trips a CPU cache; a wro
   const kvq::CacheConfig cfg = kvq_test::device_test_config(2, kvq_test::device_test_blocks<P>(2));
   kvq::QuantizedKVCache<P> cpu(cfg);
   kvq::Rng rng(seed);
-  const auto bias = kvq_test::make_bias(rng, cpu.width());
-  const kvq::SequenceId a = cpu.add_sequence(), b = cpu.add_sequence(), c = cpu.add_sequence();
-  const std::pair<kvq::SequenceId, index_t> fills[] = {{a, 300}, {b, 17}, {c, 140}};
-  for (const auto& [s, n] : fills) {
-    for (index_t l = 0; l < 2; ++l) {
-      const auto k = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
-      const auto v = kvq_test::random_exact_rows<kvq::Float16>(rng, n, bias);
-      cpu.append(s, l, k.data(), v.data(), n);
-    }
-  }
-  const kvq::SequenceId f = cpu.fork(a);  // shares a's full blocks: reference counts 2
-  cpu.free(b);
+  const auto [a, b, c, f] = kvq_test::fill_for_upload(cpu, rng);
   GpuDevice<P> dev(cfg, kvq_test::device_test_limits());
   dev.upload(cpu);
   kvq::QuantizedKVCache<P> back(cfg);

@@ -35,6 +35,7 @@
 #include "kvq/io/npy.hpp"
 #include "kvq/kvq.hpp"
 #include "device_cache_testing.hpp"
+#include "gpu_testing.hpp"
 #include "kvq_catch.hpp"
 #include "test_data_dir.hpp"
 
@@ -42,20 +43,7 @@ namespace {
 
 using kvq::index_t;
 
-template <class T>
-struct Device {
-  T* ptr = nullptr;
-  explicit Device(std::size_t n) { REQUIRE(cudaMalloc(&ptr, sizeof(T) * std::max<std::size_t>(n, 1)) == cudaSuccess); }
-  explicit Device(const std::vector<T>& v) : Device(v.size()) {
-    REQUIRE(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  Device(const Device&) = delete;
-  Device& operator=(const Device&) = delete;
-  ~Device() { cudaFree(ptr); }
-  void upload(const std::vector<T>& v) {
-    REQUIRE(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-};
+using kvq_test::Device;
 
 /// One captured layer: keys and values [tokens][kv_heads][dim] as fp16, queries [q][heads][dim]
 /// as fp32 of positions first_query .. first_query + q - 1.
@@ -117,22 +105,6 @@ std::vector<Layer> load_layers() {
 const std::vector<Layer>& captured() {
   static const std::vector<Layer> layers = load_layers();
   return layers;
-}
-
-/// Max over rows (entry, query head) of ||got - ref|| / ||ref||.
-double row_error(const std::vector<float>& got, const std::vector<float>& ref, index_t rows, index_t dim) {
-  double worst = 0.0;
-  for (index_t r = 0; r < rows; ++r) {
-    double err2 = 0.0, ref2 = 0.0;
-    for (index_t c = 0; c < dim; ++c) {
-      const auto i = static_cast<std::size_t>(r * dim + c);
-      const double d = static_cast<double>(got[i]) - ref[i];
-      err2 += d * d;
-      ref2 += static_cast<double>(ref[i]) * ref[i];
-    }
-    worst = std::max(worst, std::sqrt(err2 / std::max(ref2, 1e-30)));
-  }
-  return worst;
 }
 
 template <class Policy>
@@ -246,7 +218,7 @@ void check_layer(const Layer& L) {
   REQUIRE(cudaMemcpy(got16.data(), dout16.ptr, qn * 2, cudaMemcpyDeviceToHost) == cudaSuccess);
   std::vector<float> fused(qn);
   for (std::size_t i = 0; i < qn; ++i) fused[i] = got16[i].to_float();
-  const double fused_error = row_error(fused, ref16, nq * heads, dim);
+  const double fused_error = kvq_test::max_row_error(fused.data(), ref16.data(), nq * heads, dim);
 
   // The reference kernel, fp32 queries and outputs.
   Device<float> dq32(q32), dout32(qn);
@@ -258,7 +230,7 @@ void check_layer(const Layer& L) {
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   std::vector<float> reference(qn);
   REQUIRE(cudaMemcpy(reference.data(), dout32.ptr, qn * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
-  const double reference_error = row_error(reference, ref32, nq * heads, dim);
+  const double reference_error = kvq_test::max_row_error(reference.data(), ref32.data(), nq * heads, dim);
 
   std::printf("SmolLM2 layer %2d, %s, %d sequences of %d..%d tokens: device blocks byte-equal; fused (fp16 q, %d splits) row "
               "error %.2e, reference (fp32 q) %.2e\n",

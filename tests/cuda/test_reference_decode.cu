@@ -19,6 +19,7 @@
 #include "kvq/cuda/device_cache.cuh"
 #include "kvq/cuda/reference_decode.cuh"
 #include "kvq/kvq.hpp"
+#include "gpu_testing.hpp"
 #include "kvq_catch.hpp"
 #include "seeds.hpp"
 
@@ -26,17 +27,7 @@ namespace {
 
 using kvq::index_t;
 
-template <class T>
-struct Device {
-  T* ptr = nullptr;
-  explicit Device(std::size_t n) { REQUIRE(cudaMalloc(&ptr, sizeof(T) * std::max<std::size_t>(n, 1)) == cudaSuccess); }
-  explicit Device(const std::vector<T>& v) : Device(v.size()) {
-    REQUIRE(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  Device(const Device&) = delete;
-  Device& operator=(const Device&) = delete;
-  ~Device() { cudaFree(ptr); }
-};
+using kvq_test::Device;
 
 /// The host type of query type TQ.
 template <class TQ>

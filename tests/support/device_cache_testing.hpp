@@ -204,6 +204,28 @@ std::vector<E> random_exact_rows(kvq::Rng& rng, index_t count, const std::vector
   return out;
 }
 
+/// The CPU cache of the upload and download tests (2 layers, fp16 rows): sequences a, b and c of
+/// 300, 17 and 140 random rows, then a fork f of a (sharing a's full blocks) and b freed (a free
+/// slot, free blocks amid the free list).
+struct UploadFixture {
+  kvq::SequenceId a, b, c, f;
+};
+template <class P>
+UploadFixture fill_for_upload(kvq::QuantizedKVCache<P>& cpu, kvq::Rng& rng) {
+  const auto bias = make_bias(rng, cpu.width());
+  UploadFixture u{cpu.add_sequence(), cpu.add_sequence(), cpu.add_sequence(), 0};
+  for (const auto& [s, n] : {std::pair<kvq::SequenceId, index_t>{u.a, 300}, {u.b, 17}, {u.c, 140}}) {
+    for (index_t l = 0; l < 2; ++l) {
+      const auto k = random_exact_rows<kvq::Float16>(rng, n, bias);
+      const auto v = random_exact_rows<kvq::Float16>(rng, n, bias);
+      cpu.append(s, l, k.data(), v.data(), n);
+    }
+  }
+  u.f = cpu.fork(u.a);
+  cpu.free(u.b);
+  return u;
+}
+
 /// A CPU cache and a device backend fed the same operations; every append is compared.
 template <class P, class Device>
 struct Lockstep {
