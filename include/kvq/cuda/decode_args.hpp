@@ -41,17 +41,21 @@ struct DecodeAttentionArgs {
 };
 
 /// Pieces of whole blocks per (entry, kv head) for a batch whose longest sequence holds
-/// max_blocks full blocks, so that the grid's thread blocks (num_splits + window_pieces per entry
-/// and kv head) fill `sm_count` multiprocessors at `ctas_per_sm` about once: the window pieces
-/// take their share of the wave while that leaves at least half of it to the splits (at least
-/// one block per warp of a piece, at most max_splits pieces). decode_splits_for<Policy>
+/// max_blocks full blocks, so that the splits' thread blocks fill `sm_count` multiprocessors at
+/// `ctas_per_sm` once, never starting a second wave: when the window pieces (short thread blocks,
+/// first in the grid) fit beside them (the wave holds more than twice their number per item), the
+/// splits leave them their share of the wave; otherwise the window pieces run as a short wave of
+/// their own before the splits'. At least one block per warp of a piece, at most max_splits
+/// pieces. Measured on the H200 (bench/gpu/NOTES.md): KIVI-2 B1 128K best at 43 splits (wave 49),
+/// B8 32K at 6 (wave 6), MHA 64K at 10-12 (wave 12). decode_splits_for<Policy>
 /// (cuda/decode_attention.cuh) fills in the kernel's window pieces and occupancy.
 inline std::int32_t decode_splits(std::int32_t batch, std::int32_t num_kv_heads, std::int32_t max_blocks,
                                   std::int32_t sm_count, std::int32_t ctas_per_sm = 2, std::int32_t max_splits = 64,
                                   std::int32_t window_pieces = 0) {
   const std::int64_t items = static_cast<std::int64_t>(batch) * num_kv_heads;
-  const std::int64_t wave = (static_cast<std::int64_t>(sm_count) * ctas_per_sm + items - 1) / items;
-  const std::int64_t want = std::max<std::int64_t>({1, wave - window_pieces, (wave + 1) / 2});
+  // Whole thread blocks per item in one wave (rounded down: one more would start a second wave).
+  const std::int64_t wave = std::max<std::int64_t>(1, static_cast<std::int64_t>(sm_count) * ctas_per_sm / items);
+  const std::int64_t want = wave > 2 * window_pieces ? wave - window_pieces : wave;
   const std::int64_t by_work = std::max<std::int64_t>(1, max_blocks / 4);  // at least one block per warp
   return static_cast<std::int32_t>(std::max<std::int64_t>(1, std::min<std::int64_t>({want, by_work, max_splits})));
 }

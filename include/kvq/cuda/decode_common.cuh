@@ -36,12 +36,13 @@ struct SoftmaxLanes {
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   float zsum[2] = {0.0f, 0.0f};  ///< sum of p * zero-point of folded value groups (added to every channel)
-  float osum[2] = {0.0f, 0.0f};  ///< sum of the fp16 P of biased value codes (the whole column, not lane-partial)
   float acc[CT][4] = {};
 
-  /// Folds a new tile's column maxima (already reduced over the warp) into m and rescales.
+  /// Folds a new tile's column maxima (already reduced over the warp) into m and rescales (skipped,
+  /// bit for bit the same, when no lane's maximum grew: the factors would be exp2(0) = 1). Warp-uniform.
   __device__ __forceinline__ void rescale(float mx0, float mx1) {
     const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+    if (__all_sync(0xffffffffu, n0 == m[0] && n1 == m[1])) return;
     const float c0 = ptx::exp2_approx(m[0] - n0), c1 = ptx::exp2_approx(m[1] - n1);
     m[0] = n0;
     m[1] = n1;
@@ -49,8 +50,6 @@ struct SoftmaxLanes {
     l[1] *= c1;
     zsum[0] *= c0;
     zsum[1] *= c1;
-    osum[0] *= c0;
-    osum[1] *= c1;
 #pragma unroll
     for (int j = 0; j < CT; ++j) {
       acc[j][0] *= c0;
@@ -122,6 +121,64 @@ template <>
 __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
 template <>
 __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+/// The merge of all pieces of one (entry, kv head) by the last piece to finish: per head the
+/// maximum and the rescaled sum over the pieces' states (a warp per head, its lanes over the
+/// pieces), then per head and 4 channels the rescaled partial outputs (float4 loads, 8 pieces in
+/// flight per thread). States of head h, piece p at stats / partials index first + h * pieces + p;
+/// out points at the group's first head. Must be called by every thread of the block.
+template <class TO, int D>
+__device__ void merge_pieces(const float2* stats, const float* partials, TO* out, std::size_t first, int pieces,
+                             int group) {
+  __shared__ float head_max[8], head_inv[8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int h = warp; h < group; h += kDecodeWarps) {
+    const float2* st = stats + first + static_cast<std::size_t>(h) * pieces;
+    float mx = -INFINITY;
+    for (int p = lane; p < pieces; p += 32) mx = fmaxf(mx, __ldcg(&st[p].x));
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+    float sum = 0.0f;
+    if (mx != -INFINITY) {
+      for (int p = lane; p < pieces; p += 32) {
+        const float2 s = __ldcg(&st[p]);
+        sum += s.y * ptx::exp2_approx(s.x - mx);
+      }
+    }
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+    if (lane == 0) {
+      head_max[h] = mx;
+      head_inv[h] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < group * (D / 4); e += blockDim.x) {
+    const int h = e / (D / 4), c = 4 * (e % (D / 4));
+    const float mx = head_max[h];
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (mx != -INFINITY) {
+      const std::size_t at = first + static_cast<std::size_t>(h) * pieces;
+      const float2* st = stats + at;
+      const float* part = partials + at * D + c;
+#pragma unroll 8
+      for (int p = 0; p < pieces; ++p) {
+        const float f = ptx::exp2_approx(__ldcg(&st[p].x) - mx);
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(part + static_cast<std::size_t>(p) * D));
+        o.x = fmaf(v.x, f, o.x);
+        o.y = fmaf(v.y, f, o.y);
+        o.z = fmaf(v.z, f, o.z);
+        o.w = fmaf(v.w, f, o.w);
+      }
+    }
+    const float inv = head_inv[h];
+    TO* dst = out + static_cast<std::size_t>(h) * D + c;
+    dst[0] = from_f32<TO>(o.x * inv);
+    dst[1] = from_f32<TO>(o.y * inv);
+    dst[2] = from_f32<TO>(o.z * inv);
+    dst[3] = from_f32<TO>(o.w * inv);
+  }
+}
 
 /// Ends a piece: merges the warps of the block, then either writes the output (one piece) or
 /// the piece's partial state, and the last piece of (entry, kv head) to finish merges all.
@@ -197,21 +254,7 @@ __device__ void finish_piece(const DecodeAttentionArgs& a, SoftmaxLanes<CT>& st,
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int e = threadIdx.x; e < group * D; e += blockDim.x) {
-    const int h = e / D, c = e % D;
-    float mx = -INFINITY;
-    for (int p = 0; p < pieces; ++p) mx = fmaxf(mx, __ldcg(&stats[state_index(h, p)].x));
-    float sum = 0.0f, o = 0.0f;
-    if (mx != -INFINITY) {
-      for (int p = 0; p < pieces; ++p) {
-        const float2 s = __ldcg(&stats[state_index(h, p)]);
-        const float f = ptx::exp2_approx(s.x - mx);
-        sum += s.y * f;
-        o += __ldcg(&partials[state_index(h, p) * D + c]) * f;
-      }
-    }
-    out[static_cast<std::size_t>(hq0 + h) * D + c] = from_f32<TO>(sum > 0.0f ? o / sum : 0.0f);
-  }
+  merge_pieces<TO, D>(stats, partials, out + static_cast<std::size_t>(hq0) * D, state_index(0, 0), pieces, group);
 }
 
 /// Loads the raw query of head g of a GQA group (zero for g >= group) for channels ch[0..3] of

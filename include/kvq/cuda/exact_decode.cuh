@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
   std::uint8_t* ring = smem + warp * Tile::kStages * Tile::kStage;
   auto issue = [&](int blk, int s) {
     if (blk < last) {
-      const std::uint8_t* kb = kv.keys.block_of(slot, blk * Tile::kTokens);
-      const std::uint8_t* vb = kv.values.block_of(slot, blk * Tile::kTokens);
+      const std::uint8_t* kb = kv.keys.block_at(slot, blk);
+      const std::uint8_t* vb = kv.values.block_at(slot, blk);
       const int rows = min(Tile::kTokens, length - blk * Tile::kTokens);
       issue_exact_stage<T, D>(ring + s * Tile::kStage, kb, rows, head, row_bytes, lane);
       issue_exact_stage<T, D>(ring + s * Tile::kStage + Tile::kRows, vb, rows, head, row_bytes, lane);

@@ -20,13 +20,16 @@
 ///   -> channels t, t+4, t+8, t+12), which keeps the lanes' shared-memory reads conflict-free.
 /// - codes -> fp16 with the 0x6400 exponent trick: prmt joins two lanes' runs, lop3 masks two
 ///   codes into (1024 + c) pairs. Where a group's scale and zero-point fold out of the mma (group
-///   128), the pairs enter biased, 1024 + 2^bit c (biased_pairs: one shift, two lop3 per four
+///   128), the pairs enter biased, 1024 + 2^bit c (biased_pair: one shift, two lop3 per four
 ///   codes), and the fp32 epilogue takes the offset and 2^bit out (scores: one fma per element;
-///   values: a per-head sum of P by one more mma per token tile, unbias_values at the piece's
-///   end); otherwise one subtraction makes them exact small integers before the dequantizing fma.
+///   values: a per-head sum of P by one more mma per token tile taken off at the block's end,
+///   2^bit at the piece's end by unbias_values); otherwise one fma (exact_pair) makes them exact
+///   small integers before the dequantizing fma.
 /// - group 128 keys (one group per line and block): the key scales fold into the queries
-///   (B = q * scale) and the zero-points into one bias per head; otherwise each pair is
-///   dequantized with one fused multiply-add (each lane's tokens lie in one group).
+///   (B = q * scale as fp16 hi + lo: hmul2, hfma2) and the zero-points into one bias per head,
+///   sum(B) and q . zero from one more mma per k-chunk with the scales and zero-points as A;
+///   otherwise each pair is dequantized with one fused multiply-add (each lane's tokens lie in
+///   one group).
 /// - O^T [head_dim][8 heads] += V^T P^T: P comes from the score fragments by movmatrix; row r of
 ///   channel tile j is channel g * head_dim / 8 + 2j + r / 8 (lane g's rows are one run of each
 ///   value row), k = the score tile's tokens. Values in one group per head and token fold their
@@ -90,6 +93,7 @@ struct KiviTile {
     return s;
   }();
   /// Thread blocks per SM that shared memory allows (at most 3): ptxas fits the registers to it.
+  /// (4, at 128 registers with 20 bytes of spills, was slower at 128K and g32: NOTES.md.)
   static constexpr int kMinBlocks = [] {
     const int n = kSmPerSm / (kSmem + kSmReserved);
     return n < 1 ? 1 : n > 3 ? 3 : n;
@@ -106,66 +110,56 @@ __device__ __forceinline__ int rho_column(int c) {
   return (c & ~15) + (c16 & 8) + 2 * (low & 3) + (low >> 2);
 }
 
-/// Elements 2I and 2I + 1 of two lanes' runs of BITS-bit codes (LSB first; run a in the low,
-/// run b in the high halves) as fp16 pairs: lo = (1024 + a[2I], 1024 + b[2I]),
-/// hi = (1024 + 2^BITS a[2I+1], 1024 + 2^BITS b[2I+1]).
-template <int BITS, int I>
-__device__ __forceinline__ void code_pairs(uint2 a, uint2 b, std::uint32_t& lo, std::uint32_t& hi) {
-  constexpr int per_word = 32 / BITS;
-  constexpr int e = 2 * I;
-  constexpr int word = e / per_word;
-  constexpr int in_word = e % per_word;
-  constexpr int half = in_word / (per_word / 2);
-  constexpr int shift = (in_word % (per_word / 2)) * BITS;
-  constexpr std::uint32_t m = (1u << BITS) - 1u;
-  const std::uint32_t z = ptx::prmt(word ? a.y : a.x, word ? b.y : b.x, half ? 0x7632u : 0x5410u) >> shift;
-  lo = ptx::and_or(z, m | (m << 16), 0x64006400u);
-  hi = ptx::and_or(z, (m << BITS) | (m << (16 + BITS)), 0x64006400u);
-}
-
 __device__ __forceinline__ std::uint32_t h2_bits(__half2 x) { return *reinterpret_cast<std::uint32_t*>(&x); }
 __device__ __forceinline__ __half2 bits_h2(std::uint32_t x) { return *reinterpret_cast<__half2*>(&x); }
 
-/// Turns code_pairs' (lo, hi) into exact code pairs.
+/// How code E of two lanes' runs of BITS-bit codes (LSB first; run a in the low, run b in the
+/// high halves of the pair) enters the mma: as the fp16 pair (1024 + 2^p a[E], 1024 + 2^p b[E]),
+/// p = bit(E), since the fp16 number 0x6400 | (c << p) is exactly 1024 + 2^p c (p + BITS <= 10).
+/// Codes 2I and 2I + 1 come from one word: prmt joins the two runs' halves that hold them, one
+/// shift puts code 2I at bit kEven and 2I + 1 at kOdd, and one lop3 each masks them in. So an mma
+/// on such pairs gives 2^p (codes . B) + 1024 sum(B) per row (rows take codes of one parity, so
+/// one p each), which the fp32 epilogue turns into codes . B with one fma, or exact_pair makes
+/// exact small integers. The bits are as high as the 10 mantissa bits allow (kOdd's top bit is
+/// bit 9), which keeps the offset 1024 within 2^(10 - p) / mean code of the signal (2-bit 43x and
+/// 11x, 4-bit 34x and 2x): the tensor cores' fp32 accumulation truncates at about 2^-23 of its
+/// largest term, so the offset's share of the error stays near 1e-5 of the result. (Byte
+/// rotations without the shift would save one instruction in six but put codes at bit 2 and 0:
+/// 4x the error, measured on the CUDA example, NOTES.md.)
 template <int BITS>
-__device__ __forceinline__ void exact_codes(std::uint32_t& lo, std::uint32_t& hi) {
-  constexpr float inv = 1.0f / static_cast<float>(1 << BITS);
-  lo = h2_bits(__hsub2(bits_h2(lo), __float2half2_rn(1024.0f)));
-  hi = h2_bits(__hfma2(bits_h2(hi), __float2half2_rn(inv), __float2half2_rn(-1024.0f * inv)));
-}
-
-/// Where biased_pairs puts the codes of its lo and hi pairs in each 16-bit half: the fp16 number
-/// 0x6400 | (c << bit) is exactly 1024 + 2^bit c, so an mma on such pairs gives
-/// 2^bit (codes . B) + 1024 sum(B), from which the fp32 epilogue recovers codes . B with one
-/// fused multiply-add (no per-pair subtraction). The bits are as high as the 10 mantissa bits
-/// allow (hi's top bit is bit 9), which keeps the offset 1024 within 2^(10 - bit) / mean code of
-/// the signal: 2-bit 43x (lo) and 11x (hi), 4-bit 34x and 2x, so that the fp32 accumulation's
-/// rounding stays near 1e-5 of the result.
-template <int BITS>
-struct BiasedBits {
-  static constexpr int lo = BITS == 2 ? 4 : 2;
-  static constexpr int hi = lo + BITS;
-  static constexpr float offset = 1024.0f;
+struct BiasedCode {
+  static constexpr int kPerWord = 32 / BITS;
+  static constexpr int kEven = BITS == 2 ? 4 : 2;
+  static constexpr int kOdd = kEven + BITS;
+  static constexpr float kOffset = 1024.0f;
+  __host__ __device__ static constexpr int bit(int e) { return e % 2 == 0 ? kEven : kOdd; }
+  /// 2^-bit(e), the factor that takes the code's place value out in the epilogue.
+  __host__ __device__ static constexpr float unit(int e) { return 1.0f / static_cast<float>(1 << bit(e)); }
 };
 
-/// code_pairs without the exact step: lo = (1024 + 2^lo a[2I], 1024 + 2^lo b[2I]),
-/// hi = (1024 + 2^hi a[2I+1], 1024 + 2^hi b[2I+1]) (BiasedBits<BITS>): one shift and two lop3.
-template <int BITS, int I>
-__device__ __forceinline__ void biased_pairs(uint2 a, uint2 b, std::uint32_t& lo, std::uint32_t& hi) {
-  constexpr int per_word = 32 / BITS;
-  constexpr int e = 2 * I;
-  constexpr int word = e / per_word;
-  constexpr int in_word = e % per_word;
-  constexpr int half = in_word / (per_word / 2);
-  constexpr int at = (in_word % (per_word / 2)) * BITS;  // bit of code e in its half
-  constexpr int move = BiasedBits<BITS>::lo - at;        // |move| <= 8: no bit crosses the halves' masks
+template <int BITS, int E>
+__device__ __forceinline__ std::uint32_t biased_pair(uint2 a, uint2 b) {
+  using C = BiasedCode<BITS>;
+  constexpr int e = E - E % 2;  // the pair's even code: the shifted word is shared by both
+  constexpr int word = e / C::kPerWord;
+  constexpr int in_word = e % C::kPerWord;
+  constexpr int half = in_word / (C::kPerWord / 2);
+  constexpr int at = (in_word % (C::kPerWord / 2)) * BITS;  // bit of code e in its half
+  constexpr int move = C::kEven - at;                       // |move| <= 8: no bit crosses the halves' masks
+  constexpr int p = C::bit(E);
   constexpr std::uint32_t m = (1u << BITS) - 1u;
   std::uint32_t z = ptx::prmt(word ? a.y : a.x, word ? b.y : b.x, half ? 0x7632u : 0x5410u);
   if constexpr (move > 0) z <<= move;
   if constexpr (move < 0) z >>= -move;
-  constexpr int L = BiasedBits<BITS>::lo, H = BiasedBits<BITS>::hi;
-  lo = ptx::and_or(z, (m << L) | (m << (16 + L)), 0x64006400u);
-  hi = ptx::and_or(z, (m << H) | (m << (16 + H)), 0x64006400u);
+  return ptx::and_or(z, (m << p) | (m << (16 + p)), 0x64006400u);
+}
+
+/// biased_pair's pair as the exact codes (a[E], b[E]).
+template <int BITS, int E>
+__device__ __forceinline__ std::uint32_t exact_pair(uint2 a, uint2 b) {
+  constexpr float u = BiasedCode<BITS>::unit(E);
+  const __half2 x = bits_h2(biased_pair<BITS, E>(a, b));
+  return h2_bits(__hfma2(x, __float2half2_rn(u), __float2half2_rn(-BiasedCode<BITS>::kOffset * u)));
 }
 
 /// A lane's run of `bytes` (2, 4 or 8) bytes of shared memory as uint2.
@@ -188,42 +182,50 @@ __device__ __forceinline__ __half2 half_pair(const std::uint8_t* base, int i, in
   return __halves2half2(h[i], h[j]);
 }
 
+/// Lane `lane`'s share of copying BYTES (a multiple of 16) contiguous bytes global -> shared.
+template <int BYTES>
+__device__ __forceinline__ void issue_run(std::uint8_t* dst, const std::uint8_t* src, int lane) {
+  constexpr int chunks = BYTES / 16;
+#pragma unroll
+  for (int k = 0; k < (chunks + 31) / 32; ++k) {
+    const int c = lane + 32 * k;
+    if (chunks % 32 == 0 || c < chunks) ptx::cp_async_16(dst + 16 * c, src + 16 * c);
+  }
+}
+
 /// Issues the cp.async copies of kv head `head`'s part of key block kb into a stage's key half
 /// (codes, scales, zeros).
 template <class Tile>
 __device__ __forceinline__ void issue_keys(std::uint8_t* st, const std::uint8_t* kb, const PagedKVParams& kv, int head,
                                            int lane) {
-  const std::uint8_t* kc = kb + static_cast<std::size_t>(head) * Tile::kKeyCodes;
-  for (int c = lane; c < Tile::kKeyCodes / 16; c += 32) ptx::cp_async_16(st + 16 * c, kc + 16 * c);
+  issue_run<Tile::kKeyCodes>(st, kb + static_cast<std::size_t>(head) * Tile::kKeyCodes, lane);
   const std::size_t kmeta = static_cast<std::size_t>(head) * Tile::kKeyMeta;
-  const std::uint8_t* ks = kb + kv.keys.block.scales_offset + kmeta;
-  const std::uint8_t* kz = kb + kv.keys.block.zeros_offset + kmeta;
-  for (int c = lane; c < Tile::kKeyMeta / 16; c += 32) {
-    ptx::cp_async_16(st + Tile::kKeyScales + 16 * c, ks + 16 * c);
-    ptx::cp_async_16(st + Tile::kKeyZeros + 16 * c, kz + 16 * c);
-  }
+  issue_run<Tile::kKeyMeta>(st + Tile::kKeyScales, kb + kv.keys.block.scales_offset + kmeta, lane);
+  issue_run<Tile::kKeyMeta>(st + Tile::kKeyZeros, kb + kv.keys.block.zeros_offset + kmeta, lane);
 }
 
 /// Issues the cp.async copies of kv head `head`'s part of value block vb into a stage's value half.
 template <class Tile, int VG, int D>
 __device__ __forceinline__ void issue_values(std::uint8_t* st, const std::uint8_t* vb, const PagedKVParams& kv, int head,
                                              int lane) {
+  // 16-byte chunk c = lane + 32 k is part c % parts of row c / parts: the lane's part is fixed and
+  // its rows step by 32 / parts.
   constexpr int parts = Tile::kValueRow / 16;
-  const std::uint8_t* vc = vb + static_cast<std::size_t>(head) * Tile::kValueRow;
+  static_assert(32 % parts == 0, "kvq: a value row is 1, 2 or 4 chunks");
   const std::size_t vline = kv.values.block.line_bytes;
-  for (int c = lane; c < Tile::kTokens * parts; c += 32) {
-    const int row = c / parts, part = c % parts;
-    ptx::cp_async_16(st + Tile::kValues + value_row(row) * Tile::kValueRow + 16 * part, vc + row * vline + 16 * part);
+  const int part = lane % parts, row0 = lane / parts;
+  const std::uint8_t* src = vb + static_cast<std::size_t>(head) * Tile::kValueRow + row0 * vline + 16 * part;
+#pragma unroll
+  for (int k = 0; k < Tile::kTokens * parts / 32; ++k) {
+    const int row = row0 + k * (32 / parts);
+    ptx::cp_async_16(st + Tile::kValues + value_row(row) * Tile::kValueRow + 16 * part,
+                     src + static_cast<std::size_t>(k * (32 / parts)) * vline);
   }
   // Group-major value metadata: the head's first group, then the next ones, each [128 tokens].
   const int first_group = VG >= D ? head * D / VG : head * Tile::kValueGroups;
   const std::size_t vmeta = static_cast<std::size_t>(first_group) * Tile::kTokens * 2;
-  const std::uint8_t* vs = vb + kv.values.block.scales_offset + vmeta;
-  const std::uint8_t* vz = vb + kv.values.block.zeros_offset + vmeta;
-  for (int c = lane; c < Tile::kValueMeta / 16; c += 32) {
-    ptx::cp_async_16(st + Tile::kValueScales + 16 * c, vs + 16 * c);
-    ptx::cp_async_16(st + Tile::kValueZeros + 16 * c, vz + 16 * c);
-  }
+  issue_run<Tile::kValueMeta>(st + Tile::kValueScales, vb + kv.values.block.scales_offset + vmeta, lane);
+  issue_run<Tile::kValueMeta>(st + Tile::kValueZeros, vb + kv.values.block.zeros_offset + vmeta, lane);
 }
 
 /// One staged block of one kv head through the warp's softmax state (see the file comment).
@@ -231,30 +233,15 @@ template <class Tile, int KBITS, int VBITS, int KG, int VG, int D>
 __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLanes<Tile::kChunks>& sm,
                                              const std::uint32_t* qfrag, float qscale, int g, int t) {
   constexpr int KC = Tile::kChunks;
+  using KCode = BiasedCode<KBITS>;
+  using VCode = BiasedCode<VBITS>;
   // ---- scores ----
-  // Folded keys: B = q * scale as an fp16 pair hi + lo (two mmas: the product keeps 22 bits),
-  // the zero-points as one bias per head. Scores are scaled by qscale (softmax scale * log2 e)
-  // in fp32 after the mma, so the fp16 queries enter unrounded.
-  // Each k-chunk's B is made just before its mmas (keeps 4 registers live, not 4 KC).
-  float part = 0.0f;  // the lane's channels' q . zero (folded keys)
-  float bsum = 0.0f;  // the lane's channels' sum of B = q * scale (the biased codes' offset)
-  auto fold_chunk = [&](int kc, const std::uint32_t (&qk)[2], std::uint32_t (&bk)[2], std::uint32_t (&bl)[2]) {
-    const std::uint8_t* ks = st + Tile::kKeyScales;
-    const std::uint8_t* kz = st + Tile::kKeyZeros;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int ca = 16 * kc + t + 8 * r, cb = ca + 4;
-      const float2 q = __half22float2(bits_h2(qk[r]));
-      const float xa = q.x * half_at(ks, ca), xb = q.y * half_at(ks, cb);
-      const __half2 hi = __floats2half2_rn(xa, xb);
-      const float2 hf = __half22float2(hi);
-      bk[r] = h2_bits(hi);
-      bl[r] = h2_bits(__floats2half2_rn(xa - hf.x, xb - hf.y));
-      bsum += xa + xb;
-      part = fmaf(q.x, half_at(kz, ca), part);
-      part = fmaf(q.y, half_at(kz, cb), part);
-    }
-  };
+  // Folded keys: B = q * scale as an fp16 pair hi + lo (two mmas: the product keeps 22 bits), and
+  // one more mma per k-chunk, with the scales in A's rows g and the zero-points in its rows g + 8,
+  // sums sum(B) and q . zero per head exactly in fp32 (meta: rows g for heads 2t, 2t + 1, then
+  // rows g + 8). Scores are scaled by qscale (softmax scale * log2 e) in fp32 after the mma, so
+  // the fp16 queries enter unrounded.
+  float meta[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   float s[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
@@ -269,73 +256,65 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
     const uint2 wb = load_run<Tile::kLaneKeyBytes>(st + (ca + 4) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
     const uint2 wc = load_run<Tile::kLaneKeyBytes>(st + (ca + 8) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
     const uint2 wd = load_run<Tile::kLaneKeyBytes>(st + (ca + 12) * Tile::kKeyLine + g * Tile::kLaneKeyBytes);
-    __half2 sab, zab, scd, zcd;
-    if constexpr (!Tile::kFoldKeys) {
-      const int grp = (16 * g) / KG;
-      const std::uint8_t* ks = st + Tile::kKeyScales;
-      const std::uint8_t* kz = st + Tile::kKeyZeros;
+    const std::uint8_t* ks = st + Tile::kKeyScales;
+    const std::uint8_t* kz = st + Tile::kKeyZeros;
+    __half2 sab, zab, scd, zcd;  // the metadata of channels (ca, ca + 4) and (ca + 8, ca + 12)
+    {
       constexpr int G = Tile::kKeyGroups;
+      const int grp = Tile::kFoldKeys ? 0 : (16 * g) / KG;
       sab = half_pair(ks, ca * G + grp, (ca + 4) * G + grp);
       zab = half_pair(kz, ca * G + grp, (ca + 4) * G + grp);
       scd = half_pair(ks, (ca + 8) * G + grp, (ca + 12) * G + grp);
       zcd = half_pair(kz, (ca + 8) * G + grp, (ca + 12) * G + grp);
     }
     std::uint32_t bk[2], bl[2];
-    if constexpr (Tile::kFoldKeys) fold_chunk(kc, qk, bk, bl);
+    if constexpr (Tile::kFoldKeys) {
+      const __half2 sc[2] = {sab, scd};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const __half2 hi = __hmul2_rn(bits_h2(qk[r]), sc[r]);
+        bk[r] = h2_bits(hi);
+        bl[r] = h2_bits(__hfma2(bits_h2(qk[r]), sc[r], __hneg2(hi)));  // exact: the product's low bits
+      }
+      const std::uint32_t am[4] = {h2_bits(sab), h2_bits(zab), h2_bits(scd), h2_bits(zcd)};
+      ptx::mma_16816<__half>(meta, am, qk);
+    }
     auto tile = [&](auto ic) {
       constexpr int i = decltype(ic)::value;
       std::uint32_t a[4];
       if constexpr (Tile::kFoldKeys) {
-        biased_pairs<KBITS, i>(wa, wb, a[0], a[1]);
-        biased_pairs<KBITS, i>(wc, wd, a[2], a[3]);
-      } else {
-        code_pairs<KBITS, i>(wa, wb, a[0], a[1]);
-        code_pairs<KBITS, i>(wc, wd, a[2], a[3]);
-        exact_codes<KBITS>(a[0], a[1]);
-        exact_codes<KBITS>(a[2], a[3]);
-      }
-      if constexpr (!Tile::kFoldKeys) {
-        a[0] = h2_bits(__hfma2(bits_h2(a[0]), sab, zab));
-        a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
-        a[2] = h2_bits(__hfma2(bits_h2(a[2]), scd, zcd));
-        a[3] = h2_bits(__hfma2(bits_h2(a[3]), scd, zcd));
-        ptx::mma_16816<__half>(s[i], a, qk);
-      } else {
+        a[0] = biased_pair<KBITS, 2 * i>(wa, wb);
+        a[1] = biased_pair<KBITS, 2 * i + 1>(wa, wb);
+        a[2] = biased_pair<KBITS, 2 * i>(wc, wd);
+        a[3] = biased_pair<KBITS, 2 * i + 1>(wc, wd);
         ptx::mma_16816<__half>(s[i], a, bk);
         ptx::mma_16816<__half>(s[i], a, bl);
+      } else {
+        a[0] = h2_bits(__hfma2(bits_h2(exact_pair<KBITS, 2 * i>(wa, wb)), sab, zab));
+        a[1] = h2_bits(__hfma2(bits_h2(exact_pair<KBITS, 2 * i + 1>(wa, wb)), sab, zab));
+        a[2] = h2_bits(__hfma2(bits_h2(exact_pair<KBITS, 2 * i>(wc, wd)), scd, zcd));
+        a[3] = h2_bits(__hfma2(bits_h2(exact_pair<KBITS, 2 * i + 1>(wc, wd)), scd, zcd));
+        ptx::mma_16816<__half>(s[i], a, qk);
       }
     };
     static_for<8>(tile);
   }
-  // Scores in log2 units: s = raw * scale_r + bias_r for rows r = g (lo) and g + 8 (hi) of a tile.
-  // Folded keys: raw = 2^bit_r (codes . B) + 1024 sum(B) (biased_pairs), so scale_r = qscale 2^-bit_r
-  // and bias_r = (q . zero - 1024 sum(B) 2^-bit_r) qscale, per head (columns 2t, 2t + 1).
-  float scale_lo = qscale, scale_hi = qscale;
-  float bias_lo0 = 0.0f, bias_lo1 = 0.0f, bias_hi0 = 0.0f, bias_hi1 = 0.0f;
-  if constexpr (Tile::kFoldKeys) {
-    part += __shfl_xor_sync(0xffffffffu, part, 1);
-    part += __shfl_xor_sync(0xffffffffu, part, 2);
-    bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
-    bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
-    const float z0 = __shfl_sync(0xffffffffu, part, 8 * t), z1 = __shfl_sync(0xffffffffu, part, 8 * t + 4);
-    const float b0 = __shfl_sync(0xffffffffu, bsum, 8 * t), b1 = __shfl_sync(0xffffffffu, bsum, 8 * t + 4);
-    constexpr float off = BiasedBits<KBITS>::offset;
-    constexpr float lo = 1.0f / (1 << BiasedBits<KBITS>::lo), hi = 1.0f / (1 << BiasedBits<KBITS>::hi);
-    scale_lo = qscale * lo;
-    scale_hi = qscale * hi;
-    bias_lo0 = fmaf(-off * lo, b0, z0) * qscale;
-    bias_lo1 = fmaf(-off * lo, b1, z1) * qscale;
-    bias_hi0 = fmaf(-off * hi, b0, z0) * qscale;
-    bias_hi1 = fmaf(-off * hi, b1, z1) * qscale;
-  }
   // ---- softmax ----
+  // Scores in log2 units. Folded keys: rows g (lo) and g + 8 (hi) of tile i hold
+  // raw = 2^p (codes . B) + 1024 sum(B), p = bit(2i) and bit(2i + 1), so the score is
+  // raw * qscale 2^-p + (q . zero - 1024 sum(B) 2^-p) qscale for heads 2t, 2t + 1.
+  auto score = [&](float raw, float u, int col) {
+    if constexpr (!Tile::kFoldKeys) return raw * qscale;
+    return fmaf(raw, qscale * u, fmaf(-KCode::kOffset * u, meta[col], meta[2 + col]) * qscale);
+  };
   float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    s[i][0] = fmaf(s[i][0], scale_lo, bias_lo0);
-    s[i][1] = fmaf(s[i][1], scale_lo, bias_lo1);
-    s[i][2] = fmaf(s[i][2], scale_hi, bias_hi0);
-    s[i][3] = fmaf(s[i][3], scale_hi, bias_hi1);
+    const float ulo = KCode::unit(2 * i), uhi = KCode::unit(2 * i + 1);
+    s[i][0] = score(s[i][0], ulo, 0);
+    s[i][1] = score(s[i][1], ulo, 1);
+    s[i][2] = score(s[i][2], uhi, 0);
+    s[i][3] = score(s[i][3], uhi, 1);
     mx0 = fmaxf(mx0, fmaxf(s[i][0], s[i][2]));
     mx1 = fmaxf(mx1, fmaxf(s[i][1], s[i][3]));
   }
@@ -350,23 +329,25 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
     sm.l[0] += p0 + p2;
     sm.l[1] += p1 + p3;
     if constexpr (Tile::kFoldValues) {
-      const int ta = 16 * g + 2 * i;  // the tokens of rows g and g + 8 of tile i
-      const float sa = half_at(vs, ta), sb = half_at(vs, ta + 1);
-      const float za = half_at(vz, ta), zb = half_at(vz, ta + 1);
-      sm.zsum[0] = fmaf(p0, za, fmaf(p2, zb, sm.zsum[0]));
-      sm.zsum[1] = fmaf(p1, za, fmaf(p3, zb, sm.zsum[1]));
-      p0 *= sa;
-      p1 *= sa;
-      p2 *= sb;
-      p3 *= sb;
+      // The tokens of rows g and g + 8 of tile i: 16 g + 2 i and the next one.
+      const float2 sv = __half22float2(*reinterpret_cast<const __half2*>(vs + 4 * (8 * g + i)));
+      const float2 zv = __half22float2(*reinterpret_cast<const __half2*>(vz + 4 * (8 * g + i)));
+      sm.zsum[0] = fmaf(p0, zv.x, fmaf(p2, zv.y, sm.zsum[0]));
+      sm.zsum[1] = fmaf(p1, zv.x, fmaf(p3, zv.y, sm.zsum[1]));
+      p0 *= sv.x;
+      p1 *= sv.x;
+      p2 *= sv.y;
+      p3 *= sv.y;
     }
     pb[i][0] = ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p0, p1));
     pb[i][1] = ptx::movmatrix_trans(ptx::MmaType<__half>::pack(p2, p3));
   }
   // ---- values ----
-  // Folded values: the codes enter biased (biased_pairs), and one more mma per token tile with
-  // all-ones A sums this block's P (as fp16, as the value mmas read it) per head into osum; the
-  // piece's epilogue (unbias_values) takes 1024 osum off and the rows' 2^bit out.
+  // Folded values: the codes enter biased (biased_pair), and one more mma per token tile with
+  // all-ones A sums this block's P (as fp16, as the value mmas read it) per head, and 1024 times
+  // that sum comes off the accumulator at the block's end (one fma per accumulator, so that the
+  // offset never builds up over a piece: the accumulation's truncation error stays relative to one
+  // block's offset); the piece's epilogue (unbias_values) takes the rows' 2^p out.
   float psum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -389,19 +370,15 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
       if constexpr (j < KC) {
         std::uint32_t a[4];
         if constexpr (Tile::kFoldValues) {
-          biased_pairs<VBITS, j>(va, vb, a[0], a[1]);
-          biased_pairs<VBITS, j>(vc, vd, a[2], a[3]);
+          a[0] = biased_pair<VBITS, 2 * j>(va, vb);
+          a[1] = biased_pair<VBITS, 2 * j + 1>(va, vb);
+          a[2] = biased_pair<VBITS, 2 * j>(vc, vd);
+          a[3] = biased_pair<VBITS, 2 * j + 1>(vc, vd);
         } else {
-          code_pairs<VBITS, j>(va, vb, a[0], a[1]);
-          code_pairs<VBITS, j>(vc, vd, a[2], a[3]);
-          exact_codes<VBITS>(a[0], a[1]);
-          exact_codes<VBITS>(a[2], a[3]);
-        }
-        if constexpr (!Tile::kFoldValues) {
-          a[0] = h2_bits(__hfma2(bits_h2(a[0]), sab, zab));
-          a[1] = h2_bits(__hfma2(bits_h2(a[1]), sab, zab));
-          a[2] = h2_bits(__hfma2(bits_h2(a[2]), scd, zcd));
-          a[3] = h2_bits(__hfma2(bits_h2(a[3]), scd, zcd));
+          a[0] = h2_bits(__hfma2(bits_h2(exact_pair<VBITS, 2 * j>(va, vb)), sab, zab));
+          a[1] = h2_bits(__hfma2(bits_h2(exact_pair<VBITS, 2 * j + 1>(va, vb)), sab, zab));
+          a[2] = h2_bits(__hfma2(bits_h2(exact_pair<VBITS, 2 * j>(vc, vd)), scd, zcd));
+          a[3] = h2_bits(__hfma2(bits_h2(exact_pair<VBITS, 2 * j + 1>(vc, vd)), scd, zcd));
         }
         ptx::mma_16816<__half>(sm.acc[j], a, pb[i]);
       }
@@ -414,26 +391,31 @@ __device__ __forceinline__ void attend_block(const std::uint8_t* st, SoftmaxLane
     }
   }
   if constexpr (Tile::kFoldValues) {
-    sm.osum[0] += psum[0];
-    sm.osum[1] += psum[1];
+    constexpr float off = -VCode::kOffset;
+#pragma unroll
+    for (int j = 0; j < KC; ++j) {
+      sm.acc[j][0] = fmaf(off, psum[0], sm.acc[j][0]);
+      sm.acc[j][1] = fmaf(off, psum[1], sm.acc[j][1]);
+      sm.acc[j][2] = fmaf(off, psum[0], sm.acc[j][2]);
+      sm.acc[j][3] = fmaf(off, psum[1], sm.acc[j][3]);
+    }
   }
 }
 
-/// The end of a piece of blocks with folded values: acc held 2^bit_r (codes . P) + 1024 osum for
-/// rows r = g (lo) and g + 8 (hi) of every channel tile (biased_pairs); leaves codes . P.
+/// The end of a piece of blocks with folded values: acc held 2^p (codes . P) for rows g (lo,
+/// p = bit(2j)) and g + 8 (hi, p = bit(2j + 1)) of channel tile j (biased_pair; each block took its
+/// offset off); leaves codes . P.
 template <int VBITS, int CT>
 __device__ __forceinline__ void unbias_values(SoftmaxLanes<CT>& sm) {
-  constexpr float off = BiasedBits<VBITS>::offset;
-  constexpr float lo = 1.0f / (1 << BiasedBits<VBITS>::lo), hi = 1.0f / (1 << BiasedBits<VBITS>::hi);
-  const float o0 = off * sm.osum[0], o1 = off * sm.osum[1];
+  using VCode = BiasedCode<VBITS>;
 #pragma unroll
   for (int j = 0; j < CT; ++j) {
-    sm.acc[j][0] = (sm.acc[j][0] - o0) * lo;
-    sm.acc[j][1] = (sm.acc[j][1] - o1) * lo;
-    sm.acc[j][2] = (sm.acc[j][2] - o0) * hi;
-    sm.acc[j][3] = (sm.acc[j][3] - o1) * hi;
+    const float lo = VCode::unit(2 * j), hi = VCode::unit(2 * j + 1);
+    sm.acc[j][0] *= lo;
+    sm.acc[j][1] *= lo;
+    sm.acc[j][2] *= hi;
+    sm.acc[j][3] *= hi;
   }
-  sm.osum[0] = sm.osum[1] = 0.0f;
 }
 
 /// Position p, channel ch (0 .. width - 1) of a stream: dequantized (fp32) when stored in a block
@@ -536,8 +518,8 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
     }
     __syncthreads();
     for (int blk = first + warp; blk < last; blk += kDecodeWarps) {
-      issue_keys<Tile>(stage, kv.keys.block_of(slot, blk * Tile::kTokens), kv, head, lane);
-      issue_values<Tile, VG, D>(stage, kv.values.block_of(slot, blk * Tile::kTokens), kv, head, lane);
+      issue_keys<Tile>(stage, kv.keys.block_at(slot, blk), kv, head, lane);
+      issue_values<Tile, VG, D>(stage, kv.values.block_at(slot, blk), kv, head, lane);
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
       __syncwarp();

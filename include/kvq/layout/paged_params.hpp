@@ -44,10 +44,14 @@ struct PagedStream {
   std::int32_t sinks = 0;
   std::int32_t ring_capacity = 0;         ///< rows of the window ring
 
+  /// Block b (b < quantized_tokens[slot] / block_tokens, rounded up) of a slot.
+  KVQ_HOST_DEVICE std::uint8_t* block_at(std::int32_t slot, std::int32_t b) const noexcept {
+    const std::int32_t id = block_table[static_cast<std::size_t>(slot) * static_cast<std::size_t>(max_blocks) + b];
+    return pool + static_cast<std::size_t>(id) * block_bytes;
+  }
   /// The block that holds stored row i (i < quantized_tokens[slot]) of a slot.
   KVQ_HOST_DEVICE std::uint8_t* block_of(std::int32_t slot, std::int32_t i) const noexcept {
-    const std::int32_t id = block_table[static_cast<std::size_t>(slot) * static_cast<std::size_t>(max_blocks) + i / block_tokens];
-    return pool + static_cast<std::size_t>(id) * block_bytes;
+    return block_at(slot, i / block_tokens);
   }
   /// The exact row of position p of a slot (a sink, or a window position), `row_bytes` bytes a row.
   KVQ_HOST_DEVICE std::uint8_t* exact_row(std::int32_t slot, std::int32_t p, std::size_t row_bytes) const noexcept {
