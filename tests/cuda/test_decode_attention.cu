@@ -236,4 +236,11 @@ TEST_CASE("decode attention on the GPU equals CPU fused attention", "[cuda][atte
     using P = kvq::KiviPolicy<kvq::Bits::k4, kvq::Bits::k4, 32, 128>;
     check_policy<P, __half>(seed + 13, 2, 4, 128, flushes, 2);
   }
+  SECTION("many pieces") {
+    // More pieces than a warp's lanes (the merge's loops over pieces), the short sequence's
+    // pieces mostly empty (maximum -inf), as the long-context launches of the benchmark run.
+    check_policy<kvq::Fp16Policy<kvq::Float16>, __half>(seed + 14, 2, 4, 128, {8000, 300}, 40);
+    using P = kvq::KiviPolicy<kvq::Bits::k2, kvq::Bits::k2, 128, 128>;
+    check_policy<P, __half>(seed + 15, 2, 4, 128, {20000, 700}, 40);
+  }
 }
