@@ -174,9 +174,6 @@ __device__ __forceinline__ uint2 load_run(const std::uint8_t* p) {
   }
 }
 
-__device__ __forceinline__ float half_at(const std::uint8_t* base, int i) {
-  return __half2float(reinterpret_cast<const __half*>(base)[i]);
-}
 __device__ __forceinline__ __half2 half_pair(const std::uint8_t* base, int i, int j) {
   const __half* h = reinterpret_cast<const __half*>(base);
   return __halves2half2(h[i], h[j]);
@@ -504,9 +501,9 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
   if (piece >= Tile::kTailPieces) {
     const int per = (full + splits - 1) / splits;
     const int first = (piece - Tile::kTailPieces) * per, last = min(full, first + per);
-    // One stage per warp: measured on the H200, a second stage (a double-buffered ring) costs
-    // thread blocks per SM and was 9-37% slower than one, and refilling the key half while the
-    // value half is read (two cp.async groups) gained nothing and cost MHA 30% (NOTES.md).
+    // One stage per warp: measured on the H200, a second stage (a ring of two, issued one block
+    // ahead) gained nothing beyond the run-to-run spread, and where it costs thread blocks per SM
+    // it was 9-37% slower (bench/gpu/NOTES.md).
     std::uint8_t* stage = smem + warp * Tile::kStage;
     auto* qfrag = reinterpret_cast<std::uint32_t*>(smem + Tile::kQueryFrags);
     if (warp == 0) {
