@@ -18,7 +18,11 @@
 // to every sequence: the host plan (plan_append, wall clock), the plan's copy (upload_plan) and
 // the layer's append kernel (CUDA events), mean and maximum over the steps (a key flush every
 // 128 steps). An engine uploads the plan once per step and appends once per layer, so the
-// per-layer cost to set against one layer's attention is the append kernel.
+// per-layer cost to set against one layer's attention is the append kernel. Its events are
+// recorded behind a 40 us spin kernel, so that the host's launch latency (a few us) lies under the
+// spin rather than between the events, as it lies under the previous kernels of an engine's step
+// and under the L2 flush before each attention launch here; a second series of as many steps times
+// the same launches on an idle GPU (the launch latency included) for comparison.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -258,8 +262,19 @@ Result run_case(const Case& c, int splits, void* flush, std::size_t flush_bytes)
 struct AppendResult {
   std::string name, policy, attention_case;
   int batch = 0, hkv = 0, dim = 0, tokens = 0, steps = 0;
-  double plan_us = 0, upload_us = 0, append_us = 0, append_max_us = 0;
+  double plan_us = 0, upload_us = 0, append_us = 0, append_max_us = 0, idle_append_us = 0;
 };
+
+/// Keeps the GPU busy for `ns` nanoseconds (one thread), so that the launches queued behind it
+/// are timed without the host's launch latency.
+__global__ void spin_kernel(std::uint64_t ns) {
+  std::uint64_t t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
 
 template <class Policy>
 AppendResult run_append(const std::string& name, const std::string& policy, const std::string& attention_case, int batch,
@@ -270,10 +285,10 @@ AppendResult run_append(const std::string& name, const std::string& policy, cons
   cfg.num_layers = 1;
   cfg.num_kv_heads = hkv;
   cfg.head_dim = dim;
-  cfg.num_blocks = kvq::QuantizedKVCache<Policy>::blocks_for_tokens(1, (tokens + steps) * batch, batch);
+  cfg.num_blocks = kvq::QuantizedKVCache<Policy>::blocks_for_tokens(1, (tokens + 2 * steps) * batch, batch);
   kvq::cuda::DeviceCacheLimits limits;
   limits.max_slots = batch;
-  limits.max_tokens = tokens + steps;
+  limits.max_tokens = tokens + 2 * steps;
   limits.max_batch = batch;
   limits.max_append_tokens = chunk;
   kvq::cuda::DeviceKVCache<Policy> cache(cfg, limits);
@@ -312,10 +327,12 @@ AppendResult run_append(const std::string& name, const std::string& policy, cons
   r.dim = dim;
   r.tokens = tokens;
   r.steps = steps;
-  for (int i = 0; i < steps; ++i) {
+  for (int i = 0; i < 2 * steps; ++i) {
+    const bool idle = i >= steps;  // the second series: no spin ahead of the events
     const auto t0 = std::chrono::steady_clock::now();
     cache.plan_append(slots.data(), batch, 1);
     const auto t1 = std::chrono::steady_clock::now();
+    if (!idle) spin_kernel<<<1, 1, 0, s>>>(40000);
     KVQ_CHECK(cudaEventRecord(e0, s));
     if (cache.upload_plan(s) != kvq::Status::kOk) std::exit(1);
     KVQ_CHECK(cudaEventRecord(e1, s));
@@ -327,6 +344,10 @@ AppendResult run_append(const std::string& name, const std::string& policy, cons
     float up = 0, ap = 0;
     KVQ_CHECK(cudaEventElapsedTime(&up, e0, e1));
     KVQ_CHECK(cudaEventElapsedTime(&ap, e1, e2));
+    if (idle) {
+      r.idle_append_us += 1e3 * ap / steps;
+      continue;
+    }
     r.plan_us += std::chrono::duration<double, std::micro>(t1 - t0).count() / steps;
     r.upload_us += 1e3 * up / steps;
     r.append_us += 1e3 * ap / steps;
@@ -437,11 +458,11 @@ int main(int argc, char** argv) {
     const int tokens = quick ? 8192 : 32768;
     appends.push_back(run_append<Kivi2g128>("append/kivi2-g128/b8-32k", "kivi2g128", "kivi2-g128/b8-32k", 8, 8, 128, tokens));
     appends.push_back(run_append<Fp16>("append/fp16/b8-32k", "fp16", "fp16/b8-32k", 8, 8, 128, tokens));
-    std::printf("\n%-28s %6s %10s %10s %10s %10s\n", "append per decode step", "steps", "plan us", "upload us", "append us",
-                "max us");
+    std::printf("\n%-28s %6s %10s %10s %10s %10s %10s\n", "append per decode step", "steps", "plan us", "upload us",
+                "append us", "max us", "idle us");
     for (const AppendResult& a : appends) {
-      std::printf("%-28s %6d %10.2f %10.2f %10.2f %10.2f\n", a.name.c_str(), a.steps, a.plan_us, a.upload_us, a.append_us,
-                  a.append_max_us);
+      std::printf("%-28s %6d %10.2f %10.2f %10.2f %10.2f %10.2f\n", a.name.c_str(), a.steps, a.plan_us, a.upload_us,
+                  a.append_us, a.append_max_us, a.idle_append_us);
     }
   }
   if (json) {
@@ -463,9 +484,9 @@ int main(int argc, char** argv) {
       std::fprintf(f,
                    " {\"name\": \"%s\", \"policy\": \"%s\", \"attention_case\": \"%s\", \"batch\": %d, \"hkv\": %d, "
                    "\"dim\": %d, \"tokens\": %d, \"steps\": %d, \"plan_us\": %.4f, \"upload_us\": %.4f, "
-                   "\"append_us\": %.4f, \"append_max_us\": %.4f}%s\n",
+                   "\"append_us\": %.4f, \"append_max_us\": %.4f, \"idle_append_us\": %.4f}%s\n",
                    a.name.c_str(), a.policy.c_str(), a.attention_case.c_str(), a.batch, a.hkv, a.dim, a.tokens, a.steps,
-                   a.plan_us, a.upload_us, a.append_us, a.append_max_us, i + 1 < appends.size() ? "," : "");
+                   a.plan_us, a.upload_us, a.append_us, a.append_max_us, a.idle_append_us, i + 1 < appends.size() ? "," : "");
     }
     std::fprintf(f, "]}\n");
     std::fclose(f);

@@ -53,12 +53,13 @@ def main():
     # Append per decode step against the attention of the same shape (one layer each).
     attention = {c["name"]: c["us"] for c in kvq["cases"]}
     head = ["append per decode step", "B", "Hkv/d", "tokens", "plan us (host)", "upload us", "append us", "max us",
-            "attention us", "append / attention"]
+            "idle-GPU us", "attention us", "append / attention"]
     rows = []
     for a in appends:
         att = attention.get(a["attention_case"])
         rows.append([a["name"], str(a["batch"]), "%d/%d" % (a["hkv"], a["dim"]), str(a["tokens"]), "%.2f" % a["plan_us"],
                      "%.2f" % a["upload_us"], "%.2f" % a["append_us"], "%.2f" % a["append_max_us"],
+                     "%.2f" % a["idle_append_us"] if "idle_append_us" in a else "-",
                      "%.1f" % att if att else "-", "%.1f%%" % (100 * a["append_us"] / att) if att else "-"])
     print()
     print_table(head, rows, markdown)
