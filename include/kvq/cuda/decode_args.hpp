@@ -9,10 +9,11 @@
 /// slot slots[b] (slots == nullptr: slot b) through `kv` (layout/paged_params.hpp).
 ///
 /// Work split: each (batch entry, kv head) is cut into `num_splits` pieces of whole blocks plus,
-/// for policies with an exact window, one more piece for the window and the partial blocks; each
-/// piece is one thread block. Pieces write partial softmax states into the workspace and the last
-/// piece of an (entry, kv head) to finish merges them and writes `out` (one launch, no combine
-/// kernel). The workspace's counters must be zero before the first launch
+/// for policies with an exact window, window pieces (KIVI: 6 of 64 positions) for the window and
+/// the partial blocks; each piece is one thread block. Pieces without work (past a short
+/// sequence's blocks, past the window's end) return at once; the others write partial softmax
+/// states into the workspace and the last of them to finish merges them and writes `out` (one
+/// launch, no combine kernel). The workspace's counters must be zero before the first launch
 /// (decode_workspace_clear); every launch leaves them zero again, so a captured graph can be
 /// replayed.
 #pragma once
@@ -45,9 +46,10 @@ struct DecodeAttentionArgs {
 /// `ctas_per_sm` once, never starting a second wave: when the window pieces (short thread blocks,
 /// first in the grid) fit beside them (the wave holds more than twice their number per item), the
 /// splits leave them their share of the wave; otherwise the window pieces run as a short wave of
-/// their own before the splits'. At least one block per warp of a piece, at most max_splits
-/// pieces. Measured on the H200 (bench/gpu/NOTES.md): KIVI-2 B1 128K best at 43 splits (wave 49),
-/// B8 32K at 6 (wave 6), MHA 64K at 10-12 (wave 12). decode_splits_for<Policy>
+/// their own before the splits'. At most (max_blocks + 3) / 4 pieces (a block per warp, rounded
+/// up) and max_splits. Measured on the H200 (bench/gpu/NOTES.md): KIVI-2 B1 128K best at 43
+/// splits (wave 49), B8 32K at 6 (wave 6), MHA 64K at 10-12 (wave 12), B1 4K at 8 (31 blocks).
+/// decode_splits_for<Policy>
 /// (cuda/decode_attention.cuh) fills in the kernel's window pieces and occupancy.
 inline std::int32_t decode_splits(std::int32_t batch, std::int32_t num_kv_heads, std::int32_t max_blocks,
                                   std::int32_t sm_count, std::int32_t ctas_per_sm = 2, std::int32_t max_splits = 64,
@@ -56,7 +58,9 @@ inline std::int32_t decode_splits(std::int32_t batch, std::int32_t num_kv_heads,
   // Whole thread blocks per item in one wave (rounded down: one more would start a second wave).
   const std::int64_t wave = std::max<std::int64_t>(1, static_cast<std::int64_t>(sm_count) * ctas_per_sm / items);
   const std::int64_t want = wave > 2 * window_pieces ? wave - window_pieces : wave;
-  const std::int64_t by_work = std::max<std::int64_t>(1, max_blocks / 4);  // at least one block per warp
+  // No more pieces than give each warp a block: (max_blocks + 3) / 4 (rounded up: rounded down, the
+  // last warps of a piece take a second block, the 4K launch's critical path: 13.0 us, 11.8 up).
+  const std::int64_t by_work = std::max<std::int64_t>(1, (static_cast<std::int64_t>(max_blocks) + 3) / 4);
   return static_cast<std::int32_t>(std::max<std::int64_t>(1, std::min<std::int64_t>({want, by_work, max_splits})));
 }
 

@@ -122,25 +122,51 @@ __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(
 template <>
 __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-/// The merge of all pieces of one (entry, kv head) by the last piece to finish: per head the
-/// maximum and the rescaled sum over the pieces' states (a warp per head, its lanes over the
+/// The pieces of one (entry, kv head) that have work (the others return at once: the pieces of
+/// a short sequence in a long batch's launch, window pieces past the window's end), and this
+/// piece's place among them, which indexes its state in the workspace; `count` of them write
+/// states and count the arrivals. With no work anywhere (an empty sequence) piece 0 alone runs,
+/// to write the zero output.
+struct PieceWork {
+  int count = 1;   ///< pieces with work, at least 1
+  int index = -1;  ///< this piece's place among them, -1: no work (return)
+
+  /// Pieces [0, first_run) and [second_begin, second_begin + second_run) have work.
+  __device__ static PieceWork of(int piece, int first_run, int second_begin, int second_run) {
+    PieceWork w;
+    w.count = first_run + second_run;
+    if (piece < first_run) {
+      w.index = piece;
+    } else if (piece >= second_begin && piece < second_begin + second_run) {
+      w.index = first_run + (piece - second_begin);
+    }
+    if (w.count == 0) {
+      w.count = 1;
+      w.index = piece == 0 ? 0 : -1;
+    }
+    return w;
+  }
+};
+
+/// The merge of all `count` pieces' states of one (entry, kv head) by the last piece to finish:
+/// per head the maximum and the rescaled sum over the states (a warp per head, its lanes over the
 /// pieces), then per head and 4 channels the rescaled partial outputs (float4 loads, 8 pieces in
-/// flight per thread). States of head h, piece p at stats / partials index first + h * pieces + p;
-/// out points at the group's first head. Must be called by every thread of the block.
+/// flight per thread). State p of head h at stats / partials index first + h * stride + p (p <
+/// count <= stride); out points at the group's first head. Must be called by every thread of the block.
 template <class TO, int D>
-__device__ void merge_pieces(const float2* stats, const float* partials, TO* out, std::size_t first, int pieces,
-                             int group) {
+__device__ void merge_pieces(const float2* stats, const float* partials, TO* out, std::size_t first, int stride,
+                             int count, int group) {
   __shared__ float head_max[8], head_inv[8];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h = warp; h < group; h += kDecodeWarps) {
-    const float2* st = stats + first + static_cast<std::size_t>(h) * pieces;
+    const float2* st = stats + first + static_cast<std::size_t>(h) * stride;
     float mx = -INFINITY;
-    for (int p = lane; p < pieces; p += 32) mx = fmaxf(mx, __ldcg(&st[p].x));
+    for (int p = lane; p < count; p += 32) mx = fmaxf(mx, __ldcg(&st[p].x));
 #pragma unroll
     for (int x = 16; x > 0; x /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
     float sum = 0.0f;
     if (mx != -INFINITY) {
-      for (int p = lane; p < pieces; p += 32) {
+      for (int p = lane; p < count; p += 32) {
         const float2 s = __ldcg(&st[p]);
         sum += s.y * ptx::exp2_approx(s.x - mx);
       }
@@ -158,11 +184,11 @@ __device__ void merge_pieces(const float2* stats, const float* partials, TO* out
     const float mx = head_max[h];
     float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (mx != -INFINITY) {
-      const std::size_t at = first + static_cast<std::size_t>(h) * pieces;
+      const std::size_t at = first + static_cast<std::size_t>(h) * stride;
       const float2* st = stats + at;
       const float* part = partials + at * D + c;
 #pragma unroll 8
-      for (int p = 0; p < pieces; ++p) {
+      for (int p = 0; p < count; ++p) {
         const float f = ptx::exp2_approx(__ldcg(&st[p].x) - mx);
         const float4 v = __ldcg(reinterpret_cast<const float4*>(part + static_cast<std::size_t>(p) * D));
         o.x = fmaf(v.x, f, o.x);
@@ -180,13 +206,13 @@ __device__ void merge_pieces(const float2* stats, const float* partials, TO* out
   }
 }
 
-/// Ends a piece: merges the warps of the block, then either writes the output (one piece) or
-/// the piece's partial state, and the last piece of (entry, kv head) to finish merges all.
-/// channel_of(g, j, h) is the channel of row g + 8h of channel tile j in the kernel's order.
-/// Must be called by every thread of the block.
+/// Ends a piece with work (`work`, of the launch's `pieces` per (entry, kv head)): merges the
+/// warps of the block, then either writes the output (the only piece with work) or the piece's
+/// partial state, and the last of them to finish merges all. channel_of(g, j, h) is the channel
+/// of row g + 8h of channel tile j in the kernel's order. Must be called by every thread of the block.
 template <class TO, int D, int CT, class ChannelOf>
 __device__ void finish_piece(const DecodeAttentionArgs& a, SoftmaxLanes<CT>& st, void* smem_raw, int entry, int kv_head,
-                             int piece, int pieces, int group, ChannelOf channel_of) {
+                             PieceWork work, int pieces, int group, ChannelOf channel_of) {
   auto& sm = *reinterpret_cast<WarpMergeSmem<D>*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   float l0 = sum_over_rows(st.l[0]), l1 = sum_over_rows(st.l[1]);
@@ -233,14 +259,14 @@ __device__ void finish_piece(const DecodeAttentionArgs& a, SoftmaxLanes<CT>& st,
         o += sm.o[w][h][c] * f;
       }
     }
-    if (pieces == 1) {
+    if (work.count == 1) {
       out[static_cast<std::size_t>(hq0 + h) * D + c] = from_f32<TO>(sum > 0.0f ? o / sum : 0.0f);
     } else {
-      partials[state_index(h, piece) * D + c] = o;
-      if (c == 0) stats[state_index(h, piece)] = make_float2(mx, sum);
+      partials[state_index(h, work.index) * D + c] = o;
+      if (c == 0) stats[state_index(h, work.index)] = make_float2(mx, sum);
     }
   }
-  if (pieces == 1) return;
+  if (work.count == 1) return;
 
   __shared__ int last;
   __threadfence();
@@ -248,13 +274,14 @@ __device__ void finish_piece(const DecodeAttentionArgs& a, SoftmaxLanes<CT>& st,
   if (threadIdx.x == 0) {
     auto* counters = reinterpret_cast<int*>(base + ws.counters);
     int* counter = counters + static_cast<std::size_t>(entry) * a.kv.num_kv_heads + kv_head;
-    last = atomicAdd(counter, 1) == pieces - 1;
+    last = atomicAdd(counter, 1) == work.count - 1;
     if (last) *counter = 0;  // every other piece has arrived: ready for the next launch
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
-  merge_pieces<TO, D>(stats, partials, out + static_cast<std::size_t>(hq0) * D, state_index(0, 0), pieces, group);
+  merge_pieces<TO, D>(stats, partials, out + static_cast<std::size_t>(hq0) * D, state_index(0, 0), pieces, work.count,
+                      group);
 }
 
 /// Loads the raw query of head g of a GQA group (zero for g >= group) for channels ch[0..3] of

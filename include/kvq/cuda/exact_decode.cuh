@@ -63,6 +63,10 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
   const int length = kv.lengths[slot];
   const int group = args.num_q_heads / kv.num_kv_heads;
   const std::size_t row_bytes = kv.exact_row_bytes();
+  const int blocks = (length + Tile::kTokens - 1) / Tile::kTokens;
+  const int per = (blocks + pieces - 1) / pieces;
+  const PieceWork work = PieceWork::of(piece, per > 0 ? (blocks + per - 1) / per : 0, pieces, 0);
+  if (work.index < 0) return;  // no block of this piece: the pieces with work merge without it
 
   const float qscale = (args.scale > 0.0f ? args.scale : rsqrtf(static_cast<float>(D))) * kLog2e;
   const T* q = static_cast<const T*>(args.q) + (static_cast<std::size_t>(entry) * args.num_q_heads + head * group + g) * D;
@@ -75,8 +79,6 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
   }
   SoftmaxLanes<KC> sm;
 
-  const int blocks = (length + Tile::kTokens - 1) / Tile::kTokens;
-  const int per = (blocks + pieces - 1) / pieces;
   const int first = piece * per, last = min(blocks, first + per);
   std::uint8_t* ring = smem + warp * Tile::kStages * Tile::kStage;
   auto issue = [&](int blk, int s) {
@@ -119,7 +121,7 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
     __syncwarp();
   }
   ptx::cp_async_wait<0>();
-  finish_piece<T, D, KC>(args, sm, smem, entry, head, piece, pieces, group,
+  finish_piece<T, D, KC>(args, sm, smem, entry, head, work, pieces, group,
                          [](int lg, int j, int h) { return 16 * j + lg + 8 * h; });
 }
 

@@ -482,6 +482,12 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
   const int group = args.num_q_heads / kv.num_kv_heads;
   const int full = min(kq, vq) / Tile::kTokens;
   const int splits = pieces - Tile::kTailPieces;  // pieces 0 .. kTailPieces - 1 are the tail (scheduled first)
+  const int per = (full + splits - 1) / splits;   // blocks per split piece
+  // Tail piece k has work when chunk k (positions full * 128 + 64 k ..) starts before the end.
+  const int tail_chunks = (length - full * Tile::kTokens + Tile::kTailTokens - 1) / Tile::kTailTokens;
+  const PieceWork work = PieceWork::of(piece, min(Tile::kTailPieces, tail_chunks), Tile::kTailPieces,
+                                       per > 0 ? (full + per - 1) / per : 0);
+  if (work.index < 0) return;  // nothing to attend: the pieces with work merge without this one
 
   // Queries of the group: raw (folded keys rescale them per block) and times the softmax scale.
   const float qscale = (args.scale > 0.0f ? args.scale : rsqrtf(static_cast<float>(D))) * kLog2e;
@@ -499,7 +505,6 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
   SoftmaxLanes<KC> sm;
 
   if (piece >= Tile::kTailPieces) {
-    const int per = (full + splits - 1) / splits;
     const int first = (piece - Tile::kTailPieces) * per, last = min(full, first + per);
     // One stage per warp: measured on the H200, a second stage (a ring of two, issued one block
     // ahead) gained nothing beyond the run-to-run spread, and where it costs thread blocks per SM
@@ -594,7 +599,7 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
       }
     }
   }
-  finish_piece<TQ, D, KC>(args, sm, smem, entry, head, piece, pieces, group, [](int lg, int j, int h) {
+  finish_piece<TQ, D, KC>(args, sm, smem, entry, head, work, pieces, group, [](int lg, int j, int h) {
     return lg * Tile::kLaneChannels + 2 * j + h;
   });
 }
