@@ -235,22 +235,28 @@ constexpr bool fixed_groups() {
 }
 
 #if KVQ_DEVICE_PASS
-/// quantize_group by the 32 lanes of a warp (all call it with the same arguments): lanes take
-/// every 32nd value, min, max and the non-finite flag are reduced across the warp (exact in any
-/// order), every lane makes the same parameters with make_group_params, and each packed byte is
-/// written by one lane from its codes (each code depends on its value alone): the bytes and
-/// parameters of quantize_group. B of 2 or 4 bits (whole codes per byte), n a multiple of the
-/// codes per byte and `first` of a byte's first code (the block was zeroed: whole bytes).
-template <Bits B, class Meta, class Load>
-__device__ Status quantize_group_warp(const Load& load, index_t n, float clip, std::uint8_t* stream, std::size_t first,
+/// quantize_group of N values by the 32 lanes of a warp (all call it with the same arguments):
+/// lane l loads values N/32 l .. N/32 (l + 1) - 1, all of them before any is used (one round trip
+/// to memory), min, max and the non-finite flag are reduced across the warp (exact in any order),
+/// every lane makes the same parameters with make_group_params, and each packed byte is made
+/// from its codes (each code depends on its value alone) by the lane that holds them, or OR-ed
+/// across the lanes that share it: the bytes and parameters of quantize_group. B of 2 or 4 bits
+/// (whole codes per byte), N a multiple of 32 and `first` of a byte's first code (the block was
+/// zeroed: whole bytes).
+template <Bits B, int N, class Meta, class Load>
+__device__ Status quantize_group_warp(const Load& load, float clip, std::uint8_t* stream, std::size_t first,
                                       GroupParams<Meta>* params, int lane) noexcept {
   static_assert(B == Bits::k2 || B == Bits::k4, "kvq: quantize_group_warp packs 2- or 4-bit codes");
-  constexpr int bits = static_cast<int>(B), per_byte = 8 / bits;
-  if (n < 1) return Status::kInvalidArgument;
+  static_assert(N >= 32 && N % 32 == 0, "kvq: quantize_group_warp takes groups of a multiple of 32 values");
+  constexpr int bits = static_cast<int>(B), per_byte = 8 / bits, per_lane = N / 32;
+  float v[per_lane];
+#pragma unroll
+  for (int k = 0; k < per_lane; ++k) v[k] = load(static_cast<index_t>(lane * per_lane + k));
   std::int32_t key_min = 0x7FFFFFFF, key_max = -0x7FFFFFFF - 1;
   std::uint32_t special = 0;
-  for (index_t i = lane; i < n; i += 32) {
-    const std::uint32_t u = float_to_bits(load(i));
+#pragma unroll
+  for (int k = 0; k < per_lane; ++k) {
+    const std::uint32_t u = float_to_bits(v[k]);
     special |= (u & 0x7F800000u) + 0x00800000u;
     const std::int32_t key = float_order_key(u);
     key_min = key < key_min ? key : key_min;
@@ -266,11 +272,24 @@ __device__ Status quantize_group_warp(const Load& load, index_t n, float clip, s
   const Status st = make_group_params<Meta>(mn, mx, clip, BitsTraits<B>::max_code, params, &grid);
   if (st != Status::kOk) return st;
   std::uint8_t* out = stream + first / per_byte;
-  for (index_t j = lane; j < n / per_byte; j += 32) {
-    unsigned byte = 0;
+  if constexpr (per_lane >= per_byte) {
 #pragma unroll
-    for (int k = 0; k < per_byte; ++k) byte |= static_cast<unsigned>(quantize_value(load(j * per_byte + k), grid)) << (k * bits);
-    out[j] = static_cast<std::uint8_t>(byte);
+    for (int b = 0; b < per_lane / per_byte; ++b) {
+      unsigned byte = 0;
+#pragma unroll
+      for (int k = 0; k < per_byte; ++k) byte |= static_cast<unsigned>(quantize_value(v[b * per_byte + k], grid)) << (k * bits);
+      out[lane * (per_lane / per_byte) + b] = static_cast<std::uint8_t>(byte);
+    }
+  } else {
+    constexpr int lanes = per_byte / per_lane;  // lanes whose codes share a byte
+    unsigned part = 0;
+#pragma unroll
+    for (int k = 0; k < per_lane; ++k) {
+      part |= static_cast<unsigned>(quantize_value(v[k], grid)) << (((lane * per_lane + k) % per_byte) * bits);
+    }
+#pragma unroll
+    for (int x = 1; x < lanes; x *= 2) part |= __shfl_xor_sync(0xffffffffu, part, x);
+    if (lane % lanes == 0) out[lane / lanes] = static_cast<std::uint8_t>(part);
   }
   return Status::kOk;
 }
@@ -414,8 +433,7 @@ struct AppendWork {
     const E* v = static_cast<const E*>(a.v) + input;
     flush_stream<KeyStream>(a, e, true, k, c0, c1, tid, threads);
     flush_stream<ValueStream>(a, e, false, v, c0, c1, tid, threads);
-    check_input(a, e, false, k, c0, c1, tid, threads);
-    check_input(a, e, true, v, c0, c1, tid, threads);
+    check_input(a, e, k, v, c0, c1, tid, threads);
   }
 
   /// The block that holds stored row i (>= before) of a flush of stream `key`.
@@ -429,19 +447,19 @@ struct AppendWork {
 
   /// quantize_group, and quantize_group_warp where 32 lanes share each group.
   struct SerialQuantize {
-    template <Bits B, class Meta, class Load>
-    KVQ_HOST_DEVICE Status run(const Load& load, index_t n, float clip, std::uint8_t* stream, std::size_t first,
+    template <Bits B, int N, class Meta, class Load>
+    KVQ_HOST_DEVICE Status run(const Load& load, float clip, std::uint8_t* stream, std::size_t first,
                                GroupParams<Meta>* params) const noexcept {
-      return quantize_group<B>(load, n, clip, stream, first, params);
+      return quantize_group<B>(load, N, clip, stream, first, params);
     }
   };
 #if KVQ_DEVICE_PASS
   struct WarpQuantize {
     int lane;
-    template <Bits B, class Meta, class Load>
-    __device__ Status run(const Load& load, index_t n, float clip, std::uint8_t* stream, std::size_t first,
+    template <Bits B, int N, class Meta, class Load>
+    __device__ Status run(const Load& load, float clip, std::uint8_t* stream, std::size_t first,
                           GroupParams<Meta>* params) const noexcept {
-      return detail::quantize_group_warp<B>(load, n, clip, stream, first, params, lane);
+      return detail::quantize_group_warp<B, N>(load, clip, stream, first, params, lane);
     }
   };
 #endif
@@ -482,7 +500,7 @@ struct AppendWork {
         const std::int32_t row = i % t;
         const detail::ChannelLoader<E> load{rows, s.sinks + i, c};
         GroupParams<Meta> p{};
-        const Status status = quantize.template run<B>(load, G, st.clip, s.block.line_codes(block, c), static_cast<std::size_t>(row), &p);
+        const Status status = quantize.template run<B, G>(load, st.clip, s.block.line_codes(block, c), static_cast<std::size_t>(row), &p);
         if (!leader) return;
         if (status == Status::kOk) {
           s.block.store_group<Meta>(block, c, s.block.token_group(row), p);
@@ -503,7 +521,7 @@ struct AppendWork {
         const std::int32_t row = i % t;
         const ContiguousLoader<E> load{rows.row(s.sinks + i) + g * G};
         GroupParams<Meta> p{};
-        const Status status = quantize.template run<B>(load, G, st.clip, s.block.line_codes(block, row), static_cast<std::size_t>(g * G), &p);
+        const Status status = quantize.template run<B, G>(load, st.clip, s.block.line_codes(block, row), static_cast<std::size_t>(g * G), &p);
         if (!leader) return;
         if (status == Status::kOk) {
           s.block.store_group<Meta>(block, row, g, p);
@@ -522,14 +540,20 @@ struct AppendWork {
     }
   }
 
-  /// Records the first non-finite input number of channels [c0, c1) (the CPU cache rejects them).
-  KVQ_HOST_DEVICE static void check_input(const AppendArgs& a, const PlanEntry& e, bool is_value, const E* x, std::int32_t c0,
+  /// Records the first non-finite input number of channels [c0, c1) of keys k and values v (the
+  /// CPU cache rejects them); both loads before either check.
+  KVQ_HOST_DEVICE static void check_input(const AppendArgs& a, const PlanEntry& e, const E* k, const E* v, std::int32_t c0,
                                           std::int32_t c1, int tid, int threads) noexcept {
     const std::int32_t w = c1 - c0;
     for (std::int32_t item = tid; item < a.n * w; item += threads) {
       const std::int32_t t = item / w;
-      if (!is_finite_value(to_float(x[at(t, a.width, c0 + item % w)]))) {
-        detail::record_failure(a.status, Status::kNonFiniteInput, a.layer, e[kPlanSlot], e[kPlanLength] + t, is_value);
+      const std::size_t i = at(t, a.width, c0 + item % w);
+      const float kx = to_float(k[i]), vx = to_float(v[i]);
+      if (!is_finite_value(kx)) {
+        detail::record_failure(a.status, Status::kNonFiniteInput, a.layer, e[kPlanSlot], e[kPlanLength] + t, false);
+      }
+      if (!is_finite_value(vx)) {
+        detail::record_failure(a.status, Status::kNonFiniteInput, a.layer, e[kPlanSlot], e[kPlanLength] + t, true);
       }
     }
   }
