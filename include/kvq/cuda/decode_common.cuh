@@ -160,13 +160,26 @@ __device__ void merge_pieces(const float2* stats, const float* partials, TO* out
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h = warp; h < group; h += kDecodeWarps) {
     const float2* st = stats + first + static_cast<std::size_t>(h) * stride;
-    float mx = -INFINITY;
-    for (int p = lane; p < count; p += 32) mx = fmaxf(mx, __ldcg(&st[p].x));
+    // The states of pieces lane and lane + 32 stay in registers for the sum (one round trip to
+    // L2 for up to 64 pieces); any further ones are loaded again.
+    constexpr int kHeld = 2;
+    float2 held[kHeld];
+#pragma unroll
+    for (int k = 0; k < kHeld; ++k) {
+      const int p = lane + 32 * k;
+      held[k] = p < count ? __ldcg(&st[p]) : make_float2(-INFINITY, 0.0f);
+    }
+    float mx = fmaxf(held[0].x, held[1].x);
+    for (int p = lane + 32 * kHeld; p < count; p += 32) mx = fmaxf(mx, __ldcg(&st[p].x));
 #pragma unroll
     for (int x = 16; x > 0; x /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
     float sum = 0.0f;
     if (mx != -INFINITY) {
-      for (int p = lane; p < count; p += 32) {
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) {
+        if (lane + 32 * k < count) sum += held[k].y * ptx::exp2_approx(held[k].x - mx);
+      }
+      for (int p = lane + 32 * kHeld; p < count; p += 32) {
         const float2 s = __ldcg(&st[p]);
         sum += s.y * ptx::exp2_approx(s.x - mx);
       }

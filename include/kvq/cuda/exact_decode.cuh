@@ -63,10 +63,6 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
   const int length = kv.lengths[slot];
   const int group = args.num_q_heads / kv.num_kv_heads;
   const std::size_t row_bytes = kv.exact_row_bytes();
-  const int blocks = (length + Tile::kTokens - 1) / Tile::kTokens;
-  const int per = (blocks + pieces - 1) / pieces;
-  const PieceWork work = PieceWork::of(piece, per > 0 ? (blocks + per - 1) / per : 0, pieces, 0);
-  if (work.index < 0) return;  // no block of this piece: the pieces with work merge without it
 
   const float qscale = (args.scale > 0.0f ? args.scale : rsqrtf(static_cast<float>(D))) * kLog2e;
   const T* q = static_cast<const T*>(args.q) + (static_cast<std::size_t>(entry) * args.num_q_heads + head * group + g) * D;
@@ -77,6 +73,11 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
     load_query_pair<T, T>(q, valid, 16 * kc + 2 * t, 16 * kc + 2 * t + 1, 1.0f, qb[kc][0]);
     load_query_pair<T, T>(q, valid, 16 * kc + 2 * t + 8, 16 * kc + 2 * t + 9, 1.0f, qb[kc][1]);
   }
+  // (The queries' loads above are issued before this piece waits for its length.)
+  const int blocks = (length + Tile::kTokens - 1) / Tile::kTokens;
+  const int per = (blocks + pieces - 1) / pieces;
+  const PieceWork work = PieceWork::of(piece, per > 0 ? (blocks + per - 1) / per : 0, pieces, 0);
+  if (work.index < 0) return;  // no block of this piece: the pieces with work merge without it
   SoftmaxLanes<KC> sm;
 
   const int first = piece * per, last = min(blocks, first + per);

@@ -476,20 +476,9 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
   const int head = blockIdx.x, piece = blockIdx.y, entry = blockIdx.z;
   const int pieces = gridDim.y;
   const PagedKVParams& kv = args.kv;
-  const int slot = args.slots ? args.slots[entry] : entry;
-  const int length = kv.lengths[slot];
-  const int kq = kv.keys.quantized_tokens[slot], vq = kv.values.quantized_tokens[slot];
   const int group = args.num_q_heads / kv.num_kv_heads;
-  const int full = min(kq, vq) / Tile::kTokens;
-  const int splits = pieces - Tile::kTailPieces;  // pieces 0 .. kTailPieces - 1 are the tail (scheduled first)
-  const int per = (full + splits - 1) / splits;   // blocks per split piece
-  // Tail piece k has work when chunk k (positions full * 128 + 64 k ..) starts before the end.
-  const int tail_chunks = (length - full * Tile::kTokens + Tile::kTailTokens - 1) / Tile::kTailTokens;
-  const PieceWork work = PieceWork::of(piece, min(Tile::kTailPieces, tail_chunks), Tile::kTailPieces,
-                                       per > 0 ? (full + per - 1) / per : 0);
-  if (work.index < 0) return;  // nothing to attend: the pieces with work merge without this one
-
-  // Queries of the group: raw (folded keys rescale them per block) and times the softmax scale.
+  // Queries of the group: raw (folded keys rescale them per block) and times the softmax scale;
+  // loaded first, so that their round trip overlaps the dependent loads of slot and counts.
   const float qscale = (args.scale > 0.0f ? args.scale : rsqrtf(static_cast<float>(D))) * kLog2e;
   const TQ* q = static_cast<const TQ*>(args.q) + (static_cast<std::size_t>(entry) * args.num_q_heads + head * group + g) * D;
   const bool valid = g < group;
@@ -502,6 +491,18 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
       load_query_pair<TQ, __half>(q, valid, ca, ca + 4, 1.0f, qraw[kc][r]);
     }
   }
+  const int slot = args.slots ? args.slots[entry] : entry;
+  const int length = kv.lengths[slot];
+  const int kq = kv.keys.quantized_tokens[slot], vq = kv.values.quantized_tokens[slot];
+  const int full = min(kq, vq) / Tile::kTokens;
+  const int splits = pieces - Tile::kTailPieces;  // pieces 0 .. kTailPieces - 1 are the tail (scheduled first)
+  const int per = (full + splits - 1) / splits;   // blocks per split piece
+  // Tail piece k has work when chunk k (positions full * 128 + 64 k ..) starts before the end.
+  const int tail_chunks = (length - full * Tile::kTokens + Tile::kTailTokens - 1) / Tile::kTailTokens;
+  const PieceWork work = PieceWork::of(piece, min(Tile::kTailPieces, tail_chunks), Tile::kTailPieces,
+                                       per > 0 ? (full + per - 1) / per : 0);
+  if (work.index < 0) return;  // nothing to attend: the pieces with work merge without this one
+
   SoftmaxLanes<KC> sm;
 
   if (piece >= Tile::kTailPieces) {
