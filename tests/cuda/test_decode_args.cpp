@@ -1,17 +1,24 @@
 // SPDX-License-Identifier: Apache-2.0
 // The split and workspace plan of GPU decode attention (kvq/cuda/decode_args.hpp), host
 // arithmetic only: decode_splits never starts a second wave of the splits' thread blocks, keeps
-// its bounds, and gives the counts measured best on the H200 (bench/gpu/NOTES.md); the workspace
-// layout's parts are aligned, disjoint and inside its bytes.
+// its bounds, and gives the counts measured best on the H200 (bench/gpu/NOTES.md); the split
+// pieces with work cover every block once and PieceWork numbers them (and the window pieces) 0 ..
+// count - 1, the kernels' states and arrivals; the workspace layout's parts are aligned, disjoint
+// and inside its bytes.
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "kvq/cuda/decode_args.hpp"
 #include "kvq_catch.hpp"
 
 namespace {
 
+using kvq::cuda::blocks_per_split;
 using kvq::cuda::decode_splits;
 using kvq::cuda::decode_workspace_layout;
+using kvq::cuda::PieceWork;
+using kvq::cuda::splits_with_work;
 
 TEST_CASE("decode_splits fills one wave and keeps its bounds", "[cuda][plan]") {
   for (std::int32_t sms : {1, 14, 108, 132}) {
@@ -51,6 +58,57 @@ TEST_CASE("decode_splits gives the counts measured best on the H200", "[cuda][pl
   CHECK(decode_splits(1, 8, 31, 132, 3, 64, 6) == 8);      // B1 4K (31 blocks): 8 splits 11.8 us, 7 13.0, 10 12.0, 6 12.8
   // The fp16 kernel: 2 thread blocks per SM, 16-token blocks, no window pieces.
   CHECK(decode_splits(1, 8, 8192, 132, 2, 64, 0) == 33);   // B1 128K: 33 139.8 us, 48 152.8
+}
+
+TEST_CASE("split pieces with work cover every block once", "[cuda][plan]") {
+  for (std::int32_t blocks = 0; blocks <= 300; ++blocks) {
+    for (std::int32_t splits = 1; splits <= 70; ++splits) {
+      CAPTURE(blocks, splits);
+      const std::int32_t per = blocks_per_split(blocks, splits);
+      const std::int32_t working = splits_with_work(blocks, per);
+      REQUIRE(working <= splits);
+      std::int32_t next = 0;  // pieces take [s per, min(blocks, (s + 1) per)), the kernels' ranges
+      for (std::int32_t s = 0; s < splits; ++s) {
+        const std::int32_t first = s * per, last = std::min(blocks, first + per);
+        REQUIRE((first < last) == (s < working));  // work exactly in pieces [0, working)
+        if (first < last) {
+          REQUIRE(first == next);
+          next = last;
+        }
+      }
+      REQUIRE(next == blocks);
+    }
+  }
+}
+
+TEST_CASE("PieceWork numbers the pieces with work 0 .. count - 1", "[cuda][plan]") {
+  for (std::int32_t pieces = 1; pieces <= 20; ++pieces) {
+    for (std::int32_t begin = 0; begin <= pieces; ++begin) {
+      for (std::int32_t first = 0; first <= begin; ++first) {
+        for (std::int32_t second = 0; begin + second <= pieces; ++second) {
+          CAPTURE(pieces, first, begin, second);
+          std::vector<int> seen;
+          std::int32_t count = -1;
+          for (std::int32_t p = 0; p < pieces; ++p) {
+            const PieceWork w = PieceWork::of(p, first, begin, second);
+            if (count < 0) count = w.count;
+            REQUIRE(w.count == count);  // every piece agrees on the arrivals to wait for
+            const bool works = p < first || (p >= begin && p < begin + second);
+            if (first + second == 0) {
+              REQUIRE(w.index == (p == 0 ? 0 : -1));  // nothing to do: piece 0 writes the zeros
+            } else {
+              REQUIRE((w.index >= 0) == works);
+            }
+            if (w.index >= 0) seen.push_back(w.index);
+          }
+          REQUIRE(count == std::max(1, first + second));
+          std::sort(seen.begin(), seen.end());
+          REQUIRE(static_cast<std::int32_t>(seen.size()) == count);
+          for (std::int32_t i = 0; i < count; ++i) REQUIRE(seen[static_cast<std::size_t>(i)] == i);
+        }
+      }
+    }
+  }
 }
 
 TEST_CASE("decode_workspace_layout parts are aligned, disjoint and inside", "[cuda][plan]") {

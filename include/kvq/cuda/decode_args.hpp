@@ -64,6 +64,44 @@ inline std::int32_t decode_splits(std::int32_t batch, std::int32_t num_kv_heads,
   return static_cast<std::int32_t>(std::max<std::int64_t>(1, std::min<std::int64_t>({want, by_work, max_splits})));
 }
 
+/// Blocks per split piece when an item's `blocks` full blocks are cut into `splits` pieces (the
+/// last pieces may get fewer, or none).
+KVQ_HOST_DEVICE std::int32_t blocks_per_split(std::int32_t blocks, std::int32_t splits) {
+  return (blocks + splits - 1) / splits;
+}
+/// Split pieces with at least one block: pieces [0, splits_with_work) of blocks_per_split each.
+KVQ_HOST_DEVICE std::int32_t splits_with_work(std::int32_t blocks, std::int32_t per) {
+  return per > 0 ? (blocks + per - 1) / per : 0;
+}
+
+/// The pieces of one (entry, kv head) that have work (the others return at once: the pieces of
+/// a short sequence in a long batch's launch, window pieces past the window's end), and this
+/// piece's place among them, which indexes its state in the workspace; `count` of them write
+/// states and count the arrivals. With no work anywhere (an empty sequence) piece 0 alone runs,
+/// to write the zero output.
+struct PieceWork {
+  std::int32_t count = 1;   ///< pieces with work, at least 1
+  std::int32_t index = -1;  ///< this piece's place among them, -1: no work (return)
+
+  /// Pieces [0, first_run) and [second_begin, second_begin + second_run) have work
+  /// (first_run <= second_begin).
+  KVQ_HOST_DEVICE static PieceWork of(std::int32_t piece, std::int32_t first_run, std::int32_t second_begin,
+                                      std::int32_t second_run) {
+    PieceWork w;
+    w.count = first_run + second_run;
+    if (piece < first_run) {
+      w.index = piece;
+    } else if (piece >= second_begin && piece < second_begin + second_run) {
+      w.index = first_run + (piece - second_begin);
+    }
+    if (w.count == 0) {
+      w.count = 1;
+      w.index = piece == 0 ? 0 : -1;
+    }
+    return w;
+  }
+};
+
 /// Workspace of a launch: counters [batch][num_kv_heads] int32, then per (entry, query head,
 /// piece) the partial max and sum (float2) and the partial output [head_dim] float.
 struct DecodeWorkspaceLayout {

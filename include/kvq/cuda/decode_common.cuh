@@ -122,32 +122,6 @@ __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(
 template <>
 __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-/// The pieces of one (entry, kv head) that have work (the others return at once: the pieces of
-/// a short sequence in a long batch's launch, window pieces past the window's end), and this
-/// piece's place among them, which indexes its state in the workspace; `count` of them write
-/// states and count the arrivals. With no work anywhere (an empty sequence) piece 0 alone runs,
-/// to write the zero output.
-struct PieceWork {
-  int count = 1;   ///< pieces with work, at least 1
-  int index = -1;  ///< this piece's place among them, -1: no work (return)
-
-  /// Pieces [0, first_run) and [second_begin, second_begin + second_run) have work.
-  __device__ static PieceWork of(int piece, int first_run, int second_begin, int second_run) {
-    PieceWork w;
-    w.count = first_run + second_run;
-    if (piece < first_run) {
-      w.index = piece;
-    } else if (piece >= second_begin && piece < second_begin + second_run) {
-      w.index = first_run + (piece - second_begin);
-    }
-    if (w.count == 0) {
-      w.count = 1;
-      w.index = piece == 0 ? 0 : -1;
-    }
-    return w;
-  }
-};
-
 /// The merge of all `count` pieces' states of one (entry, kv head) by the last piece to finish:
 /// per head the maximum and the rescaled sum over the states (a warp per head, its lanes over the
 /// pieces), then per head and 4 channels the rescaled partial outputs (float4 loads, 8 pieces in

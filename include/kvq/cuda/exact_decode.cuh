@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(kDecodeThreads) exact_decode_kernel(const Deco
   }
   // (The queries' loads above are issued before this piece waits for its length.)
   const int blocks = (length + Tile::kTokens - 1) / Tile::kTokens;
-  const int per = (blocks + pieces - 1) / pieces;
-  const PieceWork work = PieceWork::of(piece, per > 0 ? (blocks + per - 1) / per : 0, pieces, 0);
+  const int per = blocks_per_split(blocks, pieces);
+  const PieceWork work = PieceWork::of(piece, splits_with_work(blocks, per), pieces, 0);
   if (work.index < 0) return;  // no block of this piece: the pieces with work merge without it
   SoftmaxLanes<KC> sm;
 

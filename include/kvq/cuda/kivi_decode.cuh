@@ -496,11 +496,11 @@ __global__ void __launch_bounds__(kDecodeThreads, (KiviTile<KBITS, VBITS, KG, VG
   const int kq = kv.keys.quantized_tokens[slot], vq = kv.values.quantized_tokens[slot];
   const int full = min(kq, vq) / Tile::kTokens;
   const int splits = pieces - Tile::kTailPieces;  // pieces 0 .. kTailPieces - 1 are the tail (scheduled first)
-  const int per = (full + splits - 1) / splits;   // blocks per split piece
+  const int per = blocks_per_split(full, splits);
   // Tail piece k has work when chunk k (positions full * 128 + 64 k ..) starts before the end.
   const int tail_chunks = (length - full * Tile::kTokens + Tile::kTailTokens - 1) / Tile::kTailTokens;
   const PieceWork work = PieceWork::of(piece, min(Tile::kTailPieces, tail_chunks), Tile::kTailPieces,
-                                       per > 0 ? (full + per - 1) / per : 0);
+                                       splits_with_work(full, per));
   if (work.index < 0) return;  // nothing to attend: the pieces with work merge without this one
 
   SoftmaxLanes<KC> sm;
