@@ -10,6 +10,7 @@
 #include "kvq/cache/block_pool.hpp"
 #include "kvq/cache/cache_config.hpp"
 #include "kvq/cache/calibration_io.hpp"
+#include "kvq/cache/head_shard.hpp"
 #include "kvq/cache/quantized_kv_cache.hpp"
 #include "kvq/cache/sequence_table.hpp"
 #include "kvq/cache/stream_view.hpp"

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// @file
-/// @brief require_error(f, {fragments}): f must throw kvq::Error whose message contains every
-///        fragment (the argument, the value, what was expected).
+/// @brief require_error(f, [status,] {fragments}): f must throw kvq::Error (with that status) whose
+///        message contains every fragment (the argument, the value, what was expected).
 #pragma once
 
 #include <functional>
@@ -26,6 +26,20 @@ inline void require_error(const std::function<void()>& f, std::initializer_list<
     return;
   }
   FAIL("no kvq::Error");
+}
+
+/// The same, and the error's status must be `status`.
+inline void require_error(const std::function<void()>& f, kvq::Status status, std::initializer_list<std::string> fragments) {
+  require_error(
+      [&] {
+        try {
+          f();
+        } catch (const kvq::Error& e) {
+          CHECK(e.status() == status);
+          throw;
+        }
+      },
+      fragments);
 }
 
 }  // namespace kvq_test
