@@ -21,6 +21,7 @@ enum class Status : std::uint8_t {
   kFormatError,       ///< a file's contents do not follow its format
   kUnsupported,       ///< a valid request that this build does not implement
   kCudaError,         ///< the CUDA runtime reported an error
+  kRankFailure,       ///< a sharded run's collective failed: NCCL, another rank's error or exit, a timeout
 };
 
 /// Stable lower-case name of a status, for messages and logs.
@@ -35,6 +36,7 @@ KVQ_HOST_DEVICE constexpr const char* status_name(Status s) noexcept {
     case Status::kFormatError: return "format error";
     case Status::kUnsupported: return "unsupported";
     case Status::kCudaError: return "cuda error";
+    case Status::kRankFailure: return "rank failure";
   }
   return "unknown status";
 }
