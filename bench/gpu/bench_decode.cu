@@ -37,26 +37,9 @@
 #include "kvq/cuda/decode_attention.cuh"
 #include "kvq/cuda/device_cache.cuh"
 #include "kvq/kvq.hpp"
+#include "gpu_bench.cuh"
 
 namespace {
-
-#define KVQ_CHECK(x)                                                                      \
-  do {                                                                                    \
-    const cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
-
-__device__ std::uint32_t hash32(std::uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return static_cast<std::uint32_t>(x);
-}
 
 /// Fills blocks: random code bytes, scales in [0.01, 0.05], zero-points in [-0.5, 0] (quantized
 /// layouts), or fp16 numbers in [-1, 1] (exact blocks, window rows).
@@ -361,24 +344,6 @@ AppendResult run_append(const std::string& name, const std::string& policy, cons
   cudaEventDestroy(e2);
   cudaStreamDestroy(s);
   return r;
-}
-
-double copy_bandwidth(void* a, void* b, std::size_t bytes) {
-  cudaEvent_t e0, e1;
-  KVQ_CHECK(cudaEventCreate(&e0));
-  KVQ_CHECK(cudaEventCreate(&e1));
-  std::vector<float> times;
-  for (int i = 0; i < 20; ++i) {
-    KVQ_CHECK(cudaEventRecord(e0));
-    KVQ_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-    KVQ_CHECK(cudaEventRecord(e1));
-    KVQ_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    KVQ_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    times.push_back(ms);
-  }
-  std::nth_element(times.begin(), times.begin() + 10, times.end());
-  return 2.0 * static_cast<double>(bytes) / (times[10] * 1e-3);
 }
 
 }  // namespace

@@ -81,7 +81,7 @@ class RankBoard {
     constexpr const char* where = "kvq::cuda::RankBoard::create";
     check_name(where, name);
     if (world_size < 1 || world_size > kMaxRanks) {
-      detail::throw_argument_error(where, "world_size", world_size, detail::concat("1 .. ", kMaxRanks));
+      kvq::detail::throw_argument_error(where, "world_size", world_size, kvq::detail::concat("1 .. ", kMaxRanks));
     }
     const std::string path = "/" + name;
     const int fd = shm_open(path.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -130,7 +130,7 @@ class RankBoard {
         throw_io(where, "shm_open of " + path);
       }
       if (clock::now() > deadline) {
-        throw Error(Status::kRankFailure, detail::concat(where, ": no board ", path, " after ", timeout.count(), " ms"));
+        throw Error(Status::kRankFailure, kvq::detail::concat(where, ": no board ", path, " after ", timeout.count(), " ms"));
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
@@ -165,7 +165,7 @@ class RankBoard {
     const std::int32_t self = static_cast<std::int32_t>(getpid());
     std::int32_t held = seg_->pid[rank].load();
     if (held != 0 && held != self && process_alive(held)) {
-      detail::throw_argument_error(where, "rank", rank, detail::concat("a rank no live process holds (pid ", held, " holds it)"));
+      kvq::detail::throw_argument_error(where, "rank", rank, kvq::detail::concat("a rank no live process holds (pid ", held, " holds it)"));
     }
     record(rank, self);
   }
@@ -201,7 +201,7 @@ class RankBoard {
       if (p == self || seg_->finished[p].load(std::memory_order_acquire) == 1) continue;
       const std::int32_t pid = seg_->pid[p].load(std::memory_order_acquire);
       if (pid != 0 && !process_alive(pid)) {
-        return {p, detail::concat("the process of rank ", p, " (pid ", pid, ") exited without posting an error")};
+        return {p, kvq::detail::concat("the process of rank ", p, " (pid ", pid, ") exited without posting an error")};
       }
     }
     return {};
@@ -211,7 +211,7 @@ class RankBoard {
   void check(const char* where, int self) const {
     const RankFailure f = failure(self);
     if (f.rank >= 0) {
-      throw Error(Status::kRankFailure, detail::concat(where, ": rank ", self, " stops: rank ", f.rank,
+      throw Error(Status::kRankFailure, kvq::detail::concat(where, ": rank ", self, " stops: rank ", f.rank,
                                                        f.rank == self ? " (this rank)" : "", " failed: ", f.message));
     }
   }
@@ -225,7 +225,7 @@ class RankBoard {
       check(where, self);  // first: once a rank has failed, the run is over for every wait
       if (done()) return;
       if (clock::now() > deadline) {
-        throw Error(Status::kRankFailure, detail::concat(where, ": rank ", self, " waited ", timeout_.count(), " ms for ", what,
+        throw Error(Status::kRankFailure, kvq::detail::concat(where, ": rank ", self, " waited ", timeout_.count(), " ms for ", what,
                                                          " (no rank posted an error; a peer may hang)"));
       }
       std::this_thread::sleep_for(pause);
@@ -248,7 +248,7 @@ class RankBoard {
 
   /// Rank 0 publishes the bootstrap bytes (at most 128); the others wait for them.
   void publish_id(const void* bytes, std::size_t n) {
-    if (n > sizeof(seg_->id)) detail::throw_argument_error("kvq::cuda::RankBoard::publish_id", "n", n, "at most 128 bytes");
+    if (n > sizeof(seg_->id)) kvq::detail::throw_argument_error("kvq::cuda::RankBoard::publish_id", "n", n, "at most 128 bytes");
     std::memcpy(seg_->id, bytes, n);
     seg_->id_ready.store(1, std::memory_order_release);
   }
@@ -279,16 +279,16 @@ class RankBoard {
 
   static void check_name(const char* where, const std::string& name) {
     if (name.empty() || name.size() > 200 || name.find('/') != std::string::npos) {
-      detail::throw_argument_error(where, "name", name, "1 to 200 characters without '/'");
+      kvq::detail::throw_argument_error(where, "name", name, "1 to 200 characters without '/'");
     }
   }
   void check_rank(const char* where, int rank) const {
     if (rank < 0 || rank >= seg_->world_size) {
-      detail::throw_argument_error(where, "rank", rank, detail::concat("0 .. ", seg_->world_size - 1));
+      kvq::detail::throw_argument_error(where, "rank", rank, kvq::detail::concat("0 .. ", seg_->world_size - 1));
     }
   }
   [[noreturn]] static void throw_io(const char* where, const std::string& what) {
-    throw Error(Status::kIoError, detail::concat(where, ": ", what, " failed: ", std::strerror(errno)));
+    throw Error(Status::kIoError, kvq::detail::concat(where, ": ", what, " failed: ", std::strerror(errno)));
   }
   static RankBoardSegment* map(const char* where, int fd, const std::string& path) {
     void* p = mmap(nullptr, sizeof(RankBoardSegment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -344,6 +344,9 @@ inline std::vector<int> fork_ranks(const std::string& board_name, int world_size
       } catch (const std::exception& e) {
         board.fail(r, e.what());
         std::fprintf(stderr, "rank %d: %s\n", r, e.what());
+      } catch (...) {  // e.g. a test framework's own failure
+        board.fail(r, "an exception that is not a std::exception");
+        std::fprintf(stderr, "rank %d: an exception that is not a std::exception\n", r);
       }
       std::fflush(nullptr);
       _exit(code);
