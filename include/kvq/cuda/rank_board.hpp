@@ -194,9 +194,11 @@ class RankBoard {
 
   /// The first failure posted, or the first joined peer that did not finish and whose process
   /// is gone (rank -1: none).
-  RankFailure failure(int self) const {
+  /// (processes: false skips the peers' liveness, which reads /proc: the waits check it each ms.)
+  RankFailure failure(int self, bool processes = true) const {
     const std::int32_t r = seg_->failed_rank.load(std::memory_order_acquire);
     if (r >= 0) return {r, std::string(seg_->message)};
+    if (!processes) return {};
     for (int p = 0; p < seg_->world_size; ++p) {
       if (p == self || seg_->finished[p].load(std::memory_order_acquire) == 1) continue;
       const std::int32_t pid = seg_->pid[p].load(std::memory_order_acquire);
@@ -208,8 +210,8 @@ class RankBoard {
   }
 
   /// Throws kvq::Error(kRankFailure) naming the failure when failure(self) has one.
-  void check(const char* where, int self) const {
-    const RankFailure f = failure(self);
+  void check(const char* where, int self, bool processes = true) const {
+    const RankFailure f = failure(self, processes);
     if (f.rank >= 0) {
       throw Error(Status::kRankFailure, kvq::detail::concat(where, ": rank ", self, " stops: rank ", f.rank,
                                                        f.rank == self ? " (this rank)" : "", " failed: ", f.message));
@@ -219,17 +221,27 @@ class RankBoard {
   /// Polls `done` until it is true (returns), a failure is on the board (even when done) or the timeout passes
   /// (kvq::Error(kRankFailure) naming what was awaited). `done` may throw.
   void wait(const char* where, int self, const char* what, const std::function<bool()>& done) const {
-    const auto deadline = clock::now() + timeout_;
-    auto pause = std::chrono::microseconds(20);
+    const auto start = clock::now(), deadline = start + timeout_;
+    auto pause = std::chrono::microseconds(10);
+    auto pids_checked = start - std::chrono::milliseconds(1);
     for (;;) {
-      check(where, self);  // first: once a rank has failed, the run is over for every wait
+      const auto now = clock::now();
+      const bool processes = now - pids_checked >= std::chrono::milliseconds(1);
+      if (processes) pids_checked = now;
+      check(where, self, processes);  // first: once a rank has failed, the run is over for every wait
       if (done()) return;
-      if (clock::now() > deadline) {
+      if (now > deadline) {
         throw Error(Status::kRankFailure, kvq::detail::concat(where, ": rank ", self, " waited ", timeout_.count(), " ms for ", what,
-                                                         " (no rank posted an error; a peer may hang)"));
+                                                              " (no rank posted an error; a peer may hang)"));
       }
-      std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(2000));
+      // The first 2 ms spin (a decode step's wait ends within microseconds of its stream); longer
+      // waits (bootstrap, a slow peer) sleep, up to 1 ms at a time.
+      if (now - start < std::chrono::milliseconds(2)) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(pause);
+        pause = std::min(pause * 2, std::chrono::microseconds(1000));
+      }
     }
   }
 
