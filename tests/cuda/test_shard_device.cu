@@ -5,6 +5,7 @@
 // stacked rank by rank (what an all-gather leaves) and put in order by interleave_heads equal
 // the unsharded ShardedDecode's output bit for bit at every step and layer, with the same
 // num_splits. Also interleave_heads against a host transpose, and its argument checks.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
@@ -27,7 +28,7 @@ using kvq_test::ShardShape;
 
 template <class P>
 void virtual_ranks(const char* label, ShardShape shape, index_t world, std::int32_t splits, std::vector<index_t> prompts, index_t steps) {
-  using TQ = __half;
+  using TQ = typename kvq::cuda::detail::DecodeKernelOf<P>::exact;  // __half, or __nv_bfloat16 for a bf16 cache
   using E = typename P::exact_type;
   const std::uint64_t seed = kvq_test::case_seed(label, 0);
   CAPTURE(P::name(), seed, shape.kv_heads, shape.ratio, shape.dim, world, splits, prompts, steps);
@@ -147,6 +148,7 @@ TEST_CASE("interleave_heads: the ranks' chunks in the unsharded order", "[shard]
 TEST_CASE("sharded decode on one GPU: the ranks' gathered outputs equal the unsharded output bit for bit", "[shard]") {
   using kvq::Bits;
   virtual_ranks<kvq::Fp16Policy<kvq::Float16>>("shard device fp16", {2, 4, 4, 128}, 2, 2, {300, 129, 1}, 20);
+  virtual_ranks<kvq::Fp16Policy<kvq::BFloat16>>("shard device bf16", {2, 8, 2, 64}, 4, 3, {200, 17}, 20);
   virtual_ranks<kvq::KiviPolicy<Bits::k2, Bits::k2, 128, 128>>("shard device kivi2 g128", {2, 8, 4, 128}, 4, 3, {700, 128, 5}, 140);
   virtual_ranks<kvq::KiviPolicy<Bits::k4, Bits::k4, 32, 128>>("shard device kivi4 g32 mha", {2, 4, 1, 64}, 2, 1, {260, 40}, 130);
   virtual_ranks<kvq::KiviPolicy<Bits::k2, Bits::k2, 32, 128>>("shard device kivi2 smollm2", {2, 3, 3, 64}, 3, 2, {520, 300, 77, 1}, 135);
