@@ -209,18 +209,24 @@ class RankBoard {
     return {};
   }
 
-  /// Throws kvq::Error(kRankFailure) naming the failure when failure(self) has one.
-  void check(const char* where, int self, bool processes = true) const {
-    const RankFailure f = failure(self, processes);
-    if (f.rank >= 0) {
-      throw Error(Status::kRankFailure, kvq::detail::concat(where, ": rank ", self, " stops: rank ", f.rank,
-                                                       f.rank == self ? " (this rank)" : "", " failed: ", f.message));
-    }
+  /// Throws kvq::Error(kRankFailure) naming the failure when failure(self) has one. A peer found
+  /// gone is posted as that peer's failure first, so that every rank names the same first failure
+  /// (not the ranks that stopped because of it and exited).
+  void check(const char* where, int self, bool processes = true) {
+    RankFailure f = failure(self, processes);
+    if (f.rank < 0) return;
+    // A peer may have posted between the two reads of failure() (and exited at once): the posted
+    // failure, the first, is the one every rank names.
+    if (seg_->failed_rank.load(std::memory_order_acquire) < 0) fail(f.rank, f.message);
+    const RankFailure posted = failure(self, false);
+    if (posted.rank >= 0) f = posted;
+    throw Error(Status::kRankFailure, kvq::detail::concat(where, ": rank ", self, " stops: rank ", f.rank,
+                                                          f.rank == self ? " (this rank)" : "", " failed: ", f.message));
   }
 
   /// Polls `done` until it is true (returns), a failure is on the board (even when done) or the timeout passes
   /// (kvq::Error(kRankFailure) naming what was awaited). `done` may throw.
-  void wait(const char* where, int self, const char* what, const std::function<bool()>& done) const {
+  void wait(const char* where, int self, const char* what, const std::function<bool()>& done) {
     const auto start = clock::now(), deadline = start + timeout_;
     auto pause = std::chrono::microseconds(10);
     auto pids_checked = start - std::chrono::milliseconds(1);
@@ -264,7 +270,7 @@ class RankBoard {
     std::memcpy(seg_->id, bytes, n);
     seg_->id_ready.store(1, std::memory_order_release);
   }
-  void wait_id(int rank, void* bytes, std::size_t n) const {
+  void wait_id(int rank, void* bytes, std::size_t n) {
     wait("kvq::cuda::RankBoard::wait_id", rank, "rank 0's NCCL unique id",
          [&] { return seg_->id_ready.load(std::memory_order_acquire) == 1; });
     std::memcpy(bytes, seg_->id, std::min(n, sizeof(seg_->id)));
