@@ -40,6 +40,7 @@
 #include "kvq/cache/head_shard.hpp"
 #include "kvq/core/error.hpp"
 #include "kvq/core/status.hpp"
+#include "kvq/cuda/device_memory.cuh"
 #include "kvq/cuda/head_gather.cuh"
 #include "kvq/cuda/rank_board.hpp"
 #include "kvq/cuda/status.cuh"
@@ -66,11 +67,7 @@ class HeadComm {
     if (max_batch < 1) kvq::detail::throw_argument_error(where, "max_batch", max_batch, "at least 1");
     if (element_bytes == 0) kvq::detail::throw_argument_error(where, "element_bytes", element_bytes, "at least 1");
     try {
-      if (cudaMalloc(&gathered_, gathered_bytes(world_, max_batch_, chunk_)) != cudaSuccess) {
-        gathered_ = nullptr;
-        throw Error(Status::kCudaError, kvq::detail::concat(where, ": cudaMalloc of the gather buffer (",
-                                                       gathered_bytes(world_, max_batch_, chunk_), " bytes) failed"));
-      }
+      gathered_ = detail::DeviceBytes(where, gathered_bytes(world_, max_batch_, chunk_));
       ncclUniqueId id{};
       if (rank_ == 0) {
         check_nccl(where, "ncclGetUniqueId", ncclGetUniqueId(&id));
@@ -85,10 +82,8 @@ class HeadComm {
       await(where, "the communicator's initialisation (ncclCommInitRankConfig)");
       // Warm-up: NCCL connects its peers at the first collective; do it before any capture.
       cudaStream_t s = nullptr;
-      if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) {
-        throw Error(Status::kCudaError, kvq::detail::concat(where, ": cudaStreamCreateWithFlags failed"));
-      }
-      const ncclResult_t warm = ncclAllGather(gathered_, gathered_, chunk_, ncclUint8, comm_, s);
+      detail::check_cuda(where, "cudaStreamCreateWithFlags", cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+      const ncclResult_t warm = ncclAllGather(gathered_.get(), gathered_.get(), chunk_, ncclUint8, comm_, s);
       if (warm != ncclSuccess && warm != ncclInProgress) check_nccl(where, "ncclAllGather (warm-up)", warm);
       try {
         await(where, "the warm-up all-gather's enqueue");
@@ -124,14 +119,14 @@ class HeadComm {
     if (failed_) return Status::kRankFailure;
     if (batch < 1 || batch > max_batch_ || local == nullptr || out == nullptr) return Status::kInvalidArgument;
     const bool direct = batch == 1;  // [world][1][chunk] is out's order already
-    void* dst = direct ? out : gathered_;
+    void* dst = direct ? out : gathered_.get();
     const ncclResult_t r = ncclAllGather(local, dst, static_cast<std::size_t>(batch) * chunk_, ncclUint8, comm_, stream);
     if (r != ncclSuccess && r != ncclInProgress) {
       last_error_ = kvq::detail::concat("ncclAllGather: ", ncclGetErrorString(r));
       return Status::kRankFailure;
     }
     if (r == ncclInProgress && !enqueued()) return Status::kRankFailure;
-    return direct ? Status::kOk : interleave_heads(gathered_, out, world_, batch, chunk_, stream);
+    return direct ? Status::kOk : interleave_heads(gathered_.get(), out, world_, batch, chunk_, stream);
   }
 
   /// Waits for `stream` (see the file comment); throws kvq::Error(kRankFailure or kCudaError)
@@ -223,8 +218,7 @@ class HeadComm {
       }
       comm_ = nullptr;
     }
-    if (gathered_ != nullptr) cudaFree(gathered_);
-    gathered_ = nullptr;
+    gathered_ = detail::DeviceBytes();
   }
 
   RankBoard* board_;
@@ -232,7 +226,7 @@ class HeadComm {
   std::int32_t max_batch_;
   std::size_t chunk_;
   ncclComm_t comm_ = nullptr;
-  void* gathered_ = nullptr;
+  detail::DeviceBytes gathered_;  ///< [world][max_batch][chunk]
   bool failed_ = false;
   std::string last_error_;
 };

@@ -215,10 +215,8 @@ class RankBoard {
   void check(const char* where, int self, bool processes = true) {
     RankFailure f = failure(self, processes);
     if (f.rank < 0) return;
-    // A peer may have posted between the two reads of failure() (and exited at once): the posted
-    // failure, the first, is the one every rank names.
-    if (seg_->failed_rank.load(std::memory_order_acquire) < 0) fail(f.rank, f.message);
-    const RankFailure posted = failure(self, false);
+    fail(f.rank, f.message);  // dropped when one is posted already: a peer may have posted (and exited) since the read
+    const RankFailure posted = failure(self, false);  // the first posted, which every rank names
     if (posted.rank >= 0) f = posted;
     throw Error(Status::kRankFailure, kvq::detail::concat(where, ": rank ", self, " stops: rank ", f.rank,
                                                           f.rank == self ? " (this rank)" : "", " failed: ", f.message));

@@ -50,13 +50,12 @@ class ShardedDecode {
       : shard_(shard), cache_(shard_config(model, shard), limits) {
     constexpr const char* where = "kvq::cuda::ShardedDecode";
     if (num_splits < 0 || num_splits > 1024) kvq::detail::throw_argument_error(where, "num_splits", num_splits, "0 (automatic) or 1 .. 1024");
-    max_batch_ = static_cast<std::int32_t>(limits.max_batch > 0 ? limits.max_batch : limits.max_slots);
     const auto hkv = static_cast<std::int32_t>(shard.num_kv_heads), d = static_cast<std::int32_t>(shard.head_dim);
-    const auto max_blocks = static_cast<std::int32_t>((limits.max_tokens + Policy::block_tokens - 1) / Policy::block_tokens);
-    splits_ = num_splits > 0 ? num_splits : decode_splits_for<Policy, TQ>(max_batch_, hkv, d, max_blocks);
-    workspace_bytes_ = decode_workspace_bytes<Policy>(max_batch_, static_cast<std::int32_t>(shard.num_q_heads), hkv, d, splits_);
+    const auto max_blocks = static_cast<std::int32_t>(cache_.planner().max_blocks());
+    splits_ = num_splits > 0 ? num_splits : decode_splits_for<Policy, TQ>(max_batch(), hkv, d, max_blocks);
+    workspace_bytes_ = decode_workspace_bytes<Policy>(max_batch(), static_cast<std::int32_t>(shard.num_q_heads), hkv, d, splits_);
     workspace_ = detail::DeviceBytes(where, workspace_bytes_);
-    local_out_ = detail::DeviceBytes(where, static_cast<std::size_t>(max_batch_) * chunk_elements() * sizeof(TQ));
+    local_out_ = detail::DeviceBytes(where, static_cast<std::size_t>(max_batch()) * chunk_elements() * sizeof(TQ));
     detail::check_cuda(where, "cudaMemset (workspace counters)", cudaMemset(workspace_.get(), 0, workspace_bytes_));
     // The counters are zero before any stream's first launch (cudaMemset runs on the legacy stream).
     detail::check_cuda(where, "cudaDeviceSynchronize", cudaDeviceSynchronize());
@@ -66,6 +65,8 @@ class ShardedDecode {
   const DeviceKVCache<Policy>& cache() const noexcept { return cache_; }
   const HeadShard& shard() const noexcept { return shard_; }
   std::int32_t num_splits() const noexcept { return splits_; }
+  /// The most batch entries of one attend (the cache's limits.max_batch, 0 there meaning max_slots).
+  std::int32_t max_batch() const noexcept { return static_cast<std::int32_t>(cache_.limits().max_batch); }
   /// The rank's attention output, device [max_batch][shard.num_q_heads][head_dim] of TQ.
   TQ* local_out() const noexcept { return local_out_.template get<TQ>(); }
   /// Elements of one batch entry of local_out.
@@ -90,14 +91,13 @@ class ShardedDecode {
   /// [batch][shard.num_q_heads][head_dim], slots device [batch] (the cache's slots). Returns
   /// decode_attention's status; kInvalidArgument also for a bad layer or batch (1 .. max_batch).
   Status attend(index_t layer, const std::int32_t* slots, std::int32_t batch, const TQ* q_local, cudaStream_t stream) const {
-    if (layer < 0 || layer >= cache_.config().num_layers || batch < 1 || batch > max_batch_) return Status::kInvalidArgument;
+    if (layer < 0 || layer >= cache_.config().num_layers || batch < 1 || batch > max_batch()) return Status::kInvalidArgument;
     return decode_attention<Policy, TQ>(args(layer, slots, batch, q_local), stream);
   }
 
  private:
   HeadShard shard_;
   DeviceKVCache<Policy> cache_;
-  std::int32_t max_batch_ = 0;
   std::int32_t splits_ = 1;
   std::size_t workspace_bytes_ = 0;
   detail::DeviceBytes workspace_;
